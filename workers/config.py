@@ -1,0 +1,256 @@
+"""job_types.yaml and the environment → typed, validated settings.
+
+Every other module reads configuration through `load_catalog()` and `Settings.from_env()`.
+A wrong job_types.yaml raises `ConfigError` naming the key and the problem, which stops start-up.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JOB_TYPES_FILE = REPO_ROOT / "job_types.yaml"
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """job_types.yaml or the environment is wrong; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    prompt_max_chars: int = Field(gt=0)
+    negative_prompt_max_chars: int = Field(gt=0)
+    max_images_per_job: int = Field(gt=0, le=64)
+    input_image_max_bytes: int = Field(gt=0)
+    input_image_max_pixels: int = Field(gt=0)
+    payload_max_bytes: int = Field(gt=0)
+
+
+class Defaults(_Strict):
+    negative_prompt: str = ""
+
+
+class WorkerSpec(_Strict):
+    queue: str
+    worker_type: str
+    legacy_queues: list[str] = []
+
+
+class ModelSpec(_Strict):
+    family: Literal["sdxl", "wan"]
+    path: str
+    env: str | None = None
+    config_path: str | None = None
+    config_env: str | None = None
+
+
+class JobTypeSpec(_Strict):
+    name: str = ""  # filled from the mapping key
+    worker: str
+    content: Literal["image", "video"]
+    mode: Literal["txt2img", "img2img", "txt2video"]
+    model: str
+    width: int = Field(ge=64, le=4096, multiple_of=8)
+    height: int = Field(ge=64, le=4096, multiple_of=8)
+    steps: int = Field(ge=1, le=200)
+    guidance: float = Field(ge=0, le=30)
+    strength: float | None = Field(default=None, gt=0, le=1)
+    frames: int | None = Field(default=None, ge=1)
+    fps: int | None = Field(default=None, ge=1, le=60)
+    default_images: int = Field(ge=1)
+    buckets: list[str] = Field(min_length=1)
+    quality: str
+    expected_seconds: float = Field(gt=0)
+    timeout_seconds: float = Field(gt=0)
+    max_attempts: int = Field(ge=1, le=20)
+    fallback: str | None = None
+    phase: int = Field(ge=1)
+
+    @property
+    def content_type(self) -> str:
+        return "image/png" if self.content == "image" else "video/mp4"
+
+    @property
+    def default_bucket(self) -> str:
+        return self.buckets[0]
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "JobTypeSpec":
+        for bucket in self.buckets:
+            if not SAFE_SEGMENT.match(bucket):
+                raise ValueError(f"bucket {bucket!r} is not a safe path segment")
+        if self.mode == "img2img" and self.strength is None:
+            raise ValueError("img2img needs a strength")
+        if self.content == "video" and (self.frames is None or self.fps is None):
+            raise ValueError("video job types need frames and fps")
+        return self
+
+
+class Catalog(_Strict):
+    """The parsed job_types.yaml."""
+
+    version: Literal[1]
+    limits: Limits
+    defaults: Defaults
+    workers: dict[str, WorkerSpec]
+    models: dict[str, ModelSpec]
+    job_types: dict[str, JobTypeSpec]
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "Catalog":
+        for name, spec in self.job_types.items():
+            where = f"job_types.{name}"
+            if not SAFE_SEGMENT.match(name):
+                raise ValueError(f"{where}: the name is not a safe identifier")
+            if spec.worker not in self.workers:
+                raise ValueError(f"{where}.worker: unknown worker {spec.worker!r} (known: {sorted(self.workers)})")
+            if spec.model not in self.models:
+                raise ValueError(f"{where}.model: unknown model {spec.model!r} (known: {sorted(self.models)})")
+            if spec.fallback is not None and spec.fallback not in self.job_types:
+                raise ValueError(f"{where}.fallback: unknown job type {spec.fallback!r}")
+            if spec.default_images > self.limits.max_images_per_job:
+                raise ValueError(f"{where}.default_images: {spec.default_images} exceeds limits.max_images_per_job")
+        queues = [w.queue for w in self.workers.values()]
+        if len(set(queues)) != len(queues):
+            raise ValueError("workers: two workers serve the same queue")
+        return self
+
+    def job_type(self, name: str) -> JobTypeSpec | None:
+        return self.job_types.get(name)
+
+    def queue_of(self, job_type: str) -> str:
+        return self.workers[self.job_types[job_type].worker].queue
+
+    def types_for_worker(self, worker: str) -> list[JobTypeSpec]:
+        return [s for s in self.job_types.values() if s.worker == worker]
+
+
+def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
+    """Read and validate job_types.yaml. Raises ConfigError naming the key and the problem."""
+    path = Path(path or os.environ.get("JOB_TYPES_FILE") or DEFAULT_JOB_TYPES_FILE)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for name, spec in (raw.get("job_types") or {}).items():
+        if isinstance(spec, dict):
+            spec.setdefault("name", name)
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc
+
+
+def _env_float(env: Mapping[str, str], key: str, default: float) -> float:
+    value = env.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}={value!r} is not a number") from exc
+
+
+def upstash_redis_url(rest_url: str, token: str) -> str:
+    """Upstash serves the Redis protocol over TLS on the REST URL's host; the token is the password."""
+    host = urlparse(rest_url).hostname
+    if not host:
+        raise ConfigError(f"UPSTASH_REDIS_REST_URL={rest_url!r} has no host")
+    return f"rediss://default:{token}@{host}:6379"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything read from the environment, in one place (README lists each variable)."""
+
+    redis_url: str
+    embedded_redis: bool            # True: the orchestrator starts a local redis-server
+    embedded_redis_port: int
+    supabase_url: str | None
+    supabase_service_key: str | None
+    callback_secret: str | None
+    models_dir: Path
+    data_dir: Path
+    device: str                     # "auto", "cpu" or "cuda"
+    heartbeat_ttl: float
+    claim_timeout: float
+    maintenance_interval: float
+    http_timeout: float
+    allow_unpinned_stack: bool
+    job_types_file: Path
+    model_overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def local_mode(self) -> bool:
+        """No Supabase: outputs go to data_dir/storage and statuses to data_dir/jobs."""
+        return not (self.supabase_url and self.supabase_service_key)
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        port = int(env.get("EMBEDDED_REDIS_PORT") or 6390)
+        redis_url = env.get("REDIS_URL") or ""
+        embedded = False
+        if not redis_url and env.get("UPSTASH_REDIS_REST_URL") and env.get("UPSTASH_REDIS_REST_TOKEN"):
+            redis_url = upstash_redis_url(env["UPSTASH_REDIS_REST_URL"], env["UPSTASH_REDIS_REST_TOKEN"])
+        if not redis_url:
+            redis_url, embedded = f"redis://127.0.0.1:{port}/0", True
+        supabase_url = (env.get("SUPABASE_URL") or "").rstrip("/") or None
+        service_key = env.get("SUPABASE_SERVICE_KEY") or env.get("SUPABASE_SERVICE_ROLE_KEY") or None
+        if bool(supabase_url) != bool(service_key):
+            raise ConfigError("SUPABASE_URL and SUPABASE_SERVICE_KEY must be set together (or neither, for local mode)")
+        device = env.get("DEVICE", "auto")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"DEVICE={device!r}: use auto, cpu or cuda")
+        overrides = {k: v for k, v in env.items() if k.endswith("_MODEL_PATH") or k.endswith("_CONFIG_PATH")}
+        return cls(
+            redis_url=redis_url,
+            embedded_redis=embedded,
+            embedded_redis_port=port,
+            supabase_url=supabase_url,
+            supabase_service_key=service_key,
+            callback_secret=env.get("CALLBACK_SECRET") or None,
+            models_dir=Path(env.get("MODELS_DIR") or "/workspace/models"),
+            data_dir=Path(env.get("DATA_DIR") or REPO_ROOT / "data").resolve(),
+            device=device,
+            heartbeat_ttl=_env_float(env, "HEARTBEAT_TTL", 30.0),
+            claim_timeout=_env_float(env, "CLAIM_TIMEOUT", 5.0),
+            maintenance_interval=_env_float(env, "MAINTENANCE_INTERVAL", 5.0),
+            http_timeout=_env_float(env, "HTTP_TIMEOUT", 30.0),
+            allow_unpinned_stack=env.get("ALLOW_UNPINNED_STACK", "") in ("1", "true", "yes"),
+            job_types_file=Path(env.get("JOB_TYPES_FILE") or DEFAULT_JOB_TYPES_FILE),
+            model_overrides=overrides,
+        )
+
+    def _resolve(self, relative: str, env_key: str | None) -> Path:
+        value = self.model_overrides.get(env_key, "") if env_key else ""
+        path = Path(value or relative)
+        return path if path.is_absolute() else self.models_dir / path
+
+    def model_path(self, model: ModelSpec) -> Path:
+        return self._resolve(model.path, model.env)
+
+    def model_config_path(self, model: ModelSpec) -> Path | None:
+        if model.config_path is None and not (model.config_env and self.model_overrides.get(model.config_env)):
+            return None
+        return self._resolve(model.config_path or "", model.config_env)

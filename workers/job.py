@@ -1,0 +1,193 @@
+"""Queue payload → one typed, validated `Job`.
+
+`parse_job` never lets bad input through: it raises `JobRejected` with a message the frontend can
+show. `JobRejected.job_id` is set whenever the payload carried a usable jobId, so the runner can
+send a failed callback; without one, the raw payload goes to the dead-letter list.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from workers.config import SAFE_SEGMENT, Catalog, JobTypeSpec
+
+MAX_SEED = 2**32 - 1
+
+
+class JobRejected(Exception):
+    """The payload cannot run. `reason` is shown to the user; `job_id` is None when unknown."""
+
+    def __init__(self, reason: str, job_id: str | None = None, user_id: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.job_id = job_id
+        self.user_id = user_id
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    job_type: str
+    user_id: str
+    spec: JobTypeSpec
+    prompt: str
+    negative_prompt: str
+    num_images: int
+    bucket: str
+    seeds: tuple[int, ...]          # one per output image
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    strength: float | None
+    init_image: str | None          # img2img source: https URL or data: URI (decoded by the pipeline)
+    payload: dict[str, Any]         # the original payload, for the callback and debugging
+
+    @property
+    def queue_worker(self) -> str:
+        return self.spec.worker
+
+
+def _pick(payload: dict, meta: dict, *names: str) -> Any:
+    """First non-None value among `names`, top level first, then `metadata`."""
+    for source in (payload, meta):
+        for name in names:
+            if source.get(name) is not None:
+                return source[name]
+    return None
+
+
+def _safe_segment(value: Any, what: str, job_id: str | None) -> str:
+    if not isinstance(value, str) or not SAFE_SEGMENT.match(value) or ".." in value:
+        raise JobRejected(f"{what} {str(value)[:80]!r} is not a safe storage path segment", job_id)
+    return value
+
+
+def _as_int(value: Any, what: str, lo: int, hi: int, job_id: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise JobRejected(f"{what} must be an integer, got {type(value).__name__}", job_id)
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise JobRejected(f"{what} must be an integer, got {str(value)[:40]!r}", job_id) from None
+    if isinstance(value, float) and value != number:
+        raise JobRejected(f"{what} must be an integer, got {value}", job_id)
+    if not lo <= number <= hi:
+        raise JobRejected(f"{what} must be between {lo} and {hi}, got {number}", job_id)
+    return number
+
+
+def decode_payload(raw: bytes | str, max_bytes: int) -> dict:
+    """Bytes from Redis → dict, or JobRejected without a job id."""
+    if len(raw) > max_bytes:
+        raise JobRejected(f"payload is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise JobRejected(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise JobRejected(f"payload must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
+    payload = raw if isinstance(raw, dict) else decode_payload(raw, catalog.limits.payload_max_bytes)
+    limits = catalog.limits
+
+    job_id = payload.get("jobId")
+    if not isinstance(job_id, str) or not job_id:
+        raise JobRejected("payload has no jobId")
+    job_id = _safe_segment(job_id, "jobId", None)  # also names output files
+    user_id = payload.get("userId")
+    if user_id in (None, ""):
+        raise JobRejected("payload has no userId", job_id)
+    user_id = _safe_segment(user_id, "userId", job_id)
+
+    job_type = payload.get("jobType")
+    if not isinstance(job_type, str) or not job_type:
+        raise JobRejected("payload has no jobType", job_id, user_id)
+    spec = catalog.job_type(job_type)
+    if spec is None:
+        known = ", ".join(sorted(catalog.job_types))
+        raise JobRejected(f"unknown jobType {job_type[:60]!r} (known: {known})", job_id, user_id)
+
+    meta = payload.get("metadata")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise JobRejected("metadata must be a JSON object", job_id, user_id)
+
+    prompt = payload.get("prompt", "")
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise JobRejected("prompt must be a string", job_id, user_id)
+    if len(prompt) > limits.prompt_max_chars:
+        raise JobRejected(f"prompt is {len(prompt)} characters, over the {limits.prompt_max_chars}-character limit", job_id, user_id)
+
+    negative = _pick(payload, meta, "negativePrompt", "negative_prompt")
+    if negative is None:
+        negative = catalog.defaults.negative_prompt
+    if not isinstance(negative, str) or len(negative) > limits.negative_prompt_max_chars:
+        raise JobRejected(f"negative prompt must be a string of at most {limits.negative_prompt_max_chars} characters", job_id, user_id)
+
+    count = meta.get("num_images")
+    if count is None:
+        count = payload.get("numImages")
+    num_images = spec.default_images if count is None else _as_int(count, "number of images", 1, limits.max_images_per_job, job_id)
+    if spec.content == "video":
+        num_images = 1
+
+    bucket = payload.get("bucket") or meta.get("bucket")
+    if bucket in (None, ""):
+        bucket = spec.default_bucket
+    bucket = _safe_segment(bucket, "bucket", job_id)
+    if bucket not in spec.buckets:
+        raise JobRejected(f"bucket {bucket!r} is not allowed for {job_type} (allowed: {', '.join(spec.buckets)})", job_id, user_id)
+
+    seed = _pick(payload, meta, "seed")
+    first_seed = secrets.randbelow(MAX_SEED - limits.max_images_per_job) if seed is None else _as_int(seed, "seed", 0, MAX_SEED - num_images, job_id)
+
+    strength = None
+    init_image = None
+    if spec.mode == "img2img":
+        init_image = _pick(payload, meta, "initImage", "init_image", "imageUrl", "init_image_url", "image")
+        if not isinstance(init_image, str) or not init_image:
+            raise JobRejected(f"{job_type} needs an init image (initImage: an https URL or a data: URI)", job_id, user_id)
+        if not (init_image.startswith("data:image/") or init_image.startswith("https://") or init_image.startswith("http://")):
+            raise JobRejected("initImage must be an http(s) URL or a data:image/... URI", job_id, user_id)
+        raw_strength = _pick(payload, meta, "strength")
+        strength = spec.strength if raw_strength is None else raw_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise JobRejected(f"strength must be a number in (0, 1], got {str(raw_strength)[:40]!r}", job_id, user_id)
+        strength = float(strength)
+
+    return Job(
+        job_id=job_id,
+        job_type=job_type,
+        user_id=user_id,
+        spec=spec,
+        prompt=prompt,
+        negative_prompt=negative,
+        num_images=num_images,
+        bucket=bucket,
+        seeds=tuple(first_seed + i for i in range(num_images)),
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance=spec.guidance,
+        strength=strength,
+        init_image=init_image,
+        payload=payload,
+    )
+
+
+def job_id_of(raw: bytes | str) -> str | None:
+    """Best-effort jobId of a raw payload (for bookkeeping before parsing succeeds)."""
+    try:
+        value = json.loads(raw).get("jobId")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, str) and SAFE_SEGMENT.match(value) else None
