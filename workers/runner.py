@@ -1,0 +1,207 @@
+"""The worker loop, as a checklist:
+
+    claim → parse → (already done? too many attempts?) → processing → check → generate
+          → encode → upload → completed (record + callback outbox, atomically) → ack
+
+Each error class has its own branch in `handle()`. Nothing here knows which model runs; the
+families (workers/pipelines/) do not know about Redis, storage or callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis
+
+from storage import Storage
+from storage.base import StorageError, object_name
+from workers import media
+from workers.callback import CallbackOutbox, completed_body, failed_body, processing_body
+from workers.config import Catalog, Settings
+from workers.job import Job, JobRejected, parse_job
+from workers.pipelines.base import GenerationOutOfMemory, ModelUnavailable
+from workers.queue import Claim, JobRecords, ReliableQueue
+
+log = logging.getLogger("workers.runner")
+PROGRESS_INTERVAL = 0.25  # seconds between progress writes; the last step is always written
+
+
+class JobTimedOut(Exception):
+    pass
+
+
+class JobInterrupted(Exception):
+    """Shutdown asked us to give the job back."""
+
+
+@dataclass
+class StopFlags:
+    """`graceful`: finish the current job, then exit. `now`: give the current job back at the next step."""
+
+    graceful: threading.Event = field(default_factory=threading.Event)
+    now: threading.Event = field(default_factory=threading.Event)
+
+
+class Runner:
+    def __init__(self, *, catalog: Catalog, settings: Settings, queue: ReliableQueue, records: JobRecords,
+                 storage: Storage, outbox: CallbackOutbox, families: dict, load_errors: dict[str, str],
+                 worker_type: str, clock: Callable[[], float] = time.time):
+        self.catalog = catalog
+        self.settings = settings
+        self.queue = queue
+        self.records = records
+        self.storage = storage
+        self.outbox = outbox
+        self.families = families          # model key → loaded family
+        self.load_errors = load_errors    # model key → why it is not loaded
+        self.worker_type = worker_type
+        self.clock = clock
+        self.stop = StopFlags()
+        self.current_job: str | None = None
+        self._last_maintenance = 0.0
+
+    # --- the loop -------------------------------------------------------------------------
+    def serve(self) -> None:
+        backoff = 0.5
+        while not self.stop.graceful.is_set():
+            try:
+                self.maintenance()
+                claim = self.queue.claim(self.settings.claim_timeout)
+                if claim is not None:
+                    self.handle(claim)
+                backoff = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                self.stop.graceful.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def maintenance(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last_maintenance < self.settings.maintenance_interval:
+            return
+        self._last_maintenance = now
+        self.queue.recover_own()      # a claim whose BLMOVE reply was lost in a reconnect
+        self.queue.reap()
+        self.queue.drain_legacy()
+        self.outbox.deliver_due()
+
+    # --- one job --------------------------------------------------------------------------
+    def handle(self, claim: Claim) -> None:
+        try:
+            job = parse_job(claim.raw, self.catalog)
+        except JobRejected as exc:
+            return self._reject(claim, exc)
+        self.current_job = job.job_id
+        try:
+            self._run(claim, job)
+        except JobRejected as exc:
+            self._fail(claim, job.job_id, exc.reason)
+        except ValueError as exc:                 # check_inputs-style refusal from a family
+            self._fail(claim, job.job_id, str(exc))
+        except ModelUnavailable as exc:
+            self._fail(claim, job.job_id, str(exc))
+        except GenerationOutOfMemory as exc:
+            self._fail(claim, job.job_id, str(exc))
+        except JobTimedOut:
+            self._fail(claim, job.job_id, f"timed out after {job.spec.timeout_seconds:.0f}s")
+        except JobInterrupted:
+            log.info("job %s given back to %s (shutdown)", job.job_id, self.queue.queue)
+            self.queue.requeue(claim, count_attempt=False)
+            self.records.update(job.job_id, status="queued", phase="requeued")
+        except StorageError as exc:
+            self._storage_failed(claim, job, exc)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise                                  # the job stays claimed; recovered after reconnect
+        except Exception as exc:                   # a bug: fail this job, keep the worker alive
+            log.exception("job %s failed unexpectedly", job.job_id)
+            self._fail(claim, job.job_id, f"internal error: {type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.current_job = None
+
+    def _run(self, claim: Claim, job: Job) -> None:
+        if self.records.status(job.job_id) == "completed":
+            log.info("job %s already completed; acknowledging the repeat", job.job_id)
+            return self.queue.ack(claim)
+        if claim.attempts > job.spec.max_attempts:
+            return self._give_up(claim, job.job_id, claim.attempts - 1)
+        family = self._family_for(job)
+        started = self.clock()
+        self.records.update(job.job_id, status="processing", jobType=job.job_type, userId=job.user_id,
+                            queue=self.queue.queue, worker=self.queue.worker_id, phase="checking",
+                            step=0, steps=job.steps, started_at=started)
+        self.outbox.send_progress(processing_body(job.job_id))
+        family.check(job)
+
+        deadline = started + job.spec.timeout_seconds
+        self.records.update(job.job_id, phase="generating")
+        images = family.generate(job, self._progress(job, deadline))
+
+        self.records.update(job.job_id, phase="uploading")
+        paths = self._store(job, images)
+        body = completed_body(job.job_id, paths, job.spec.content)
+        body["seeds"] = list(job.seeds)
+        self.outbox.send_terminal(job.job_id, body, same_transaction=lambda pipe: self.records.update(
+            job.job_id, pipe=pipe, status="completed", phase="done", outputs=paths, seeds=list(job.seeds),
+            bucket=job.bucket, completed_at=self.clock(), seconds=round(self.clock() - started, 3)))
+        self.queue.ack(claim)
+        log.info("job %s completed: %d output(s) in %.2fs", job.job_id, len(paths), self.clock() - started)
+
+    def _family_for(self, job: Job):
+        family = self.families.get(job.spec.model)
+        if family is None:
+            why = self.load_errors.get(job.spec.model) or f"model {job.spec.model!r} is not served by this worker"
+            raise ModelUnavailable(f"{job.job_type} cannot run on this pod: {why}")
+        return family
+
+    def _progress(self, job: Job, deadline: float):
+        last_write = 0.0
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_write
+            now = self.clock()
+            if self.stop.now.is_set():
+                raise JobInterrupted()
+            if now > deadline:
+                raise JobTimedOut()
+            if step == total or now - last_write >= PROGRESS_INTERVAL:
+                last_write = now
+                self.records.update(job.job_id, step=step, steps=total, progress=round(step / total, 3))
+        return on_step
+
+    def _store(self, job: Job, images: list) -> list[str]:
+        # Object names depend only on (job, index): a second run overwrites, never duplicates.
+        paths = []
+        for index, image in enumerate(images):
+            data = media.encode_png(image)
+            name = object_name(job.job_id, index, "png")
+            paths.append(self.storage.upload(job.bucket, job.user_id, name, data, job.spec.content_type))
+        return paths
+
+    # --- failure branches -----------------------------------------------------------------
+    def _reject(self, claim: Claim, exc: JobRejected) -> None:
+        if exc.job_id is None:
+            log.warning("dead-lettering a payload without a usable jobId: %s", exc.reason)
+            return self.queue.dead_letter(claim, exc.reason)
+        self._fail(claim, exc.job_id, exc.reason)
+
+    def _fail(self, claim: Claim, job_id: str, message: str) -> None:
+        log.warning("job %s failed: %s", job_id, message)
+        self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=lambda pipe: self.records.update(
+            job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
+        self.queue.ack(claim)
+
+    def _give_up(self, claim: Claim, job_id: str, tried: int) -> None:
+        message = f"gave up after {tried} attempt(s): the worker stopped while running this job each time"
+        self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=lambda pipe: self.records.update(
+            job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
+        self.queue.dead_letter(claim, message)
+
+    def _storage_failed(self, claim: Claim, job: Job, exc: StorageError) -> None:
+        if exc.retryable and claim.attempts < job.spec.max_attempts:
+            log.warning("job %s: storage unavailable (%s); requeued for attempt %d", job.job_id, exc, claim.attempts + 1)
+            self.records.update(job.job_id, status="queued", phase="storage retry", error=str(exc))
+            return self.queue.requeue(claim, count_attempt=True)
+        self._fail(claim, job.job_id, f"could not store the outputs: {exc}")

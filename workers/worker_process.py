@@ -1,0 +1,106 @@
+"""What every worker process does around its Runner: wiring, heartbeat, signals, ready report.
+
+A worker entry (image_worker.py, video_worker.py) only says which models it loads; this module
+builds the rest from settings and runs the loop until SIGTERM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Callable
+
+import redis
+
+from storage import make_storage
+from workers.callback import CallbackOutbox, make_callback_sink
+from workers.config import Catalog, ConfigError, Settings, load_catalog
+from workers.queue import JobRecords, ReliableQueue, connect, default_worker_id
+from workers.runner import Runner
+from workers.supervisor import report_ready
+
+EX_CONFIG = 78  # the supervisor does not restart a worker whose configuration is wrong
+log = logging.getLogger("workers")
+
+# (catalog, settings, model keys) -> (loaded families by model key, load errors by model key)
+ModelLoader = Callable[[Catalog, Settings, list[str]], tuple[dict, dict[str, str]]]
+
+
+def setup_logging(name: str) -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stdout,
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(name: str, load_models: ModelLoader) -> int:
+    setup_logging(name)
+    try:
+        settings = Settings.from_env()
+        catalog = load_catalog(settings.job_types_file)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EX_CONFIG
+    spec = catalog.workers[name]
+    client = connect(settings.redis_url, settings.claim_timeout)
+    queue = ReliableQueue(client, spec.queue, default_worker_id(name), settings.heartbeat_ttl, tuple(spec.legacy_queues))
+    recovered = queue.register({"state": "loading"})
+    if recovered:
+        log.warning("took back %d job(s) claimed by this worker's previous process", recovered)
+
+    model_keys = sorted({t.model for t in catalog.types_for_worker(name)})
+    families, load_errors = load_models(catalog, settings, model_keys)
+    for key, why in load_errors.items():
+        log.error("model %s not loaded: %s", key, why)
+
+    runner = Runner(catalog=catalog, settings=settings, queue=queue, records=JobRecords(client),
+                    storage=make_storage(settings), outbox=CallbackOutbox(client, make_callback_sink(settings)),
+                    families=families, load_errors=load_errors, worker_type=spec.worker_type)
+    models_state = {key: ("loaded" if key in families else f"unavailable: {load_errors.get(key, '')}") for key in model_keys}
+    beat = _start_heartbeat(queue, runner, models_state)
+    _install_signal_handlers(runner, float(os.environ.get("STOP_GRACE", "30")))
+    report_ready()
+    log.info("%s worker ready on %s as %s (models: %s)", name, spec.queue, queue.worker_id, models_state)
+    try:
+        runner.serve()
+    finally:
+        beat.set()
+        try:
+            queue.deregister()
+        except redis.RedisError as exc:
+            log.warning("could not deregister (%s); the reaper will clean up", exc)
+    log.info("%s worker stopped", name)
+    return 0
+
+
+def _start_heartbeat(queue: ReliableQueue, runner: Runner, models: dict) -> threading.Event:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                queue.heartbeat({"state": "busy" if runner.current_job else "idle", "job": runner.current_job,
+                                 "models": models})
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            stop.wait(max(queue.heartbeat_ttl / 3, 0.05))
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    return stop
+
+
+def _install_signal_handlers(runner: Runner, grace: float) -> None:
+    """First SIGTERM/SIGINT: finish the current job (up to `grace` s), then exit. Second: give it back now."""
+
+    def handler(signum, _frame) -> None:
+        if runner.stop.graceful.is_set():
+            runner.stop.now.set()
+            return
+        log.info("signal %d: finishing the current job (at most %.0fs), then stopping", signum, grace)
+        runner.stop.graceful.set()
+        timer = threading.Timer(grace, runner.stop.now.set)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
