@@ -68,3 +68,6 @@ def redis_client(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+from tests.fixtures.tiny_sdxl import tiny_sdxl  # noqa: E402,F401  (session fixture: tiny random SDXL on disk)

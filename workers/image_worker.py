@@ -21,7 +21,7 @@ def pick_device(requested: str) -> str:
 def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> tuple[dict, dict[str, str]]:
     """Load every model this worker's job types name, once. A missing one fails its jobs, not the worker."""
     from workers.pipelines.base import LoadOptions, ModelUnavailable
-    from workers.pipelines.sdxl import SDXLFamily
+    from workers.pipelines.sdxl import ImageLimits, SDXLFamily
 
     classes = {"sdxl": SDXLFamily}
     device = pick_device(settings.device)
@@ -35,7 +35,7 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
         options = LoadOptions(model_path=settings.model_path(model), config_path=settings.model_config_path(model),
                               device=device, cache_dir=settings.data_dir / "converted")
         try:
-            families[key] = family_class.load(options, limits=catalog.limits)
+            families[key] = family_class.load(options, limits=ImageLimits.from_catalog(catalog.limits))
         except ModelUnavailable as exc:
             errors[key] = str(exc)
     return families, errors

@@ -1,0 +1,221 @@
+"""workers/media.py: PNG output and safe input-image loading (data: URIs and real HTTP on loopback)."""
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from workers.media import ImageLimits, encode_png, load_input_image
+
+MAX_BYTES = 1_000_000
+MAX_PIXELS = 1_000_000
+
+
+def png_bytes(size=(48, 32), mode="RGB", color=(200, 30, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, media_type="image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def load(source: str, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, timeout=5.0) -> Image.Image:
+    return load_input_image(source, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout)
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose IHDR claims width × height pixels (1-bit grey)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------- encode_png
+
+def test_encode_png_round_trips_without_metadata():
+    image = Image.new("RGB", (40, 24), (10, 120, 250))
+    image.info["icc_profile"] = b"not-a-real-profile"  # must not be copied into the output
+    data = encode_png(image)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert b"iCCP" not in data and b"tEXt" not in data and b"eXIf" not in data
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.size == (40, 24) and decoded.convert("RGB").getpixel((5, 5)) == (10, 120, 250)
+
+
+# ---------------------------------------------------------------- data: URIs
+
+def test_data_uri_png_decodes_to_rgb():
+    image = load(data_uri(png_bytes()))
+    assert image.mode == "RGB" and image.size == (48, 32)
+    assert image.getpixel((0, 0)) == (200, 30, 60)
+
+
+def test_transparent_pixels_become_white_and_jpeg_works():
+    image = load(data_uri(png_bytes(mode="RGBA", color=(0, 0, 0, 0))))
+    assert image.mode == "RGB" and image.getpixel((3, 3)) == (255, 255, 255)
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), 128).save(buffer, format="JPEG")
+    assert load(data_uri(buffer.getvalue(), "image/jpeg")).mode == "RGB"
+
+
+def test_data_uri_with_line_breaks_is_accepted():
+    encoded = base64.encodebytes(png_bytes()).decode()  # base64 with a newline every 76 characters
+    assert load("data:image/png;base64," + encoded).size == (48, 32)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("data:image/png;base64,@@@not base64@@@", "not valid base64"),
+    ("data:image/png;base64,QUJ", "not valid base64"),  # bad padding
+    ("data:image/png,rawbytes", "data:image/<type>;base64"),
+    ("data:text/plain;base64,aGVsbG8=", "data:image/<type>;base64"),
+    ("data:image/png;base64,", "empty"),
+    (data_uri(b"hello, this is text and not an image"), "not a decodable image"),
+    (data_uri(png_bytes()[:60]), "truncated or corrupt"),
+    ("ftp://example.invalid/a.png", "http(s) URL or a data:image"),
+    ("file:///etc/hostname", "http(s) URL or a data:image"),
+    ("", "missing"),
+])
+def test_bad_inputs_raise_value_error_with_a_reason(source, message):
+    with pytest.raises(ValueError, match="init image") as info:
+        load(source)
+    assert message in str(info.value)
+
+
+def test_oversize_data_uri_is_refused_before_decoding():
+    with pytest.raises(ValueError, match="byte limit"):
+        load(data_uri(png_bytes(size=(64, 64))), max_bytes=50)
+
+
+def test_eps_is_not_an_accepted_format():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ValueError, match="not a decodable image"):
+        load(data_uri(eps, "image/eps"))
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+def test_small_file_with_too_many_pixels_is_refused():
+    buffer = io.BytesIO()
+    Image.new("1", (3000, 3000), 0).save(buffer, format="PNG")  # 9 Mpx in a few kB
+    assert len(buffer.getvalue()) < 20_000
+    with pytest.raises(ValueError, match="pixel limit"):
+        load(data_uri(buffer.getvalue()), max_pixels=1_000_000)
+
+
+def test_header_claiming_huge_dimensions_is_refused():
+    # 10^10 pixels: PIL's own DecompressionBombError fires in Image.open, and becomes our ValueError.
+    with pytest.raises(ValueError, match="too large"):
+        load(data_uri(png_with_header_size(100_000, 100_000)), max_pixels=10**12)
+    # Under PIL's threshold but over ours: our header check refuses before any pixel is decoded.
+    with pytest.raises(ValueError, match="pixel limit"):
+        load(data_uri(png_with_header_size(5000, 5000)))
+
+
+def test_image_limits_from_catalog():
+    from workers.config import load_catalog
+    limits = ImageLimits.from_catalog(load_catalog().limits, timeout=7)
+    assert limits.max_bytes == 20_000_000 and limits.max_pixels == 4096 * 4096 and limits.timeout == 7
+
+
+# ---------------------------------------------------------------- http(s) URLs, real HTTP on loopback
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        route = self.routes.get(self.path)
+        if route is None:
+            self.send_error(404, "not found")
+            return
+        kind, body = route
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", body)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        if kind == "plain":
+            self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if kind == "drip":  # a byte every 0.2 s: no single read times out, the whole does
+            try:
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+        else:  # "plain", or "stream": no Content-Length, the body ends when the connection closes
+            self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    _Handler.routes = {
+        "/ok.png": ("plain", png_bytes(size=(20, 10))),
+        "/big.png": ("plain", b"\0" * 5000),
+        "/stream-big": ("stream", b"\0" * 5000),
+        "/stream.png": ("stream", png_bytes(size=(12, 12))),
+        "/not-image": ("plain", b"<html>hello</html>"),
+        "/drip": ("drip", png_bytes(size=(8, 8))),
+        "/moved": ("redirect", "/ok.png"),
+    }
+    yield base
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_url_downloads_and_decodes(http_server):
+    assert load(f"{http_server}/ok.png").size == (20, 10)
+    assert load(f"{http_server}/stream.png").size == (12, 12)
+    assert load(f"{http_server}/moved").size == (20, 10)
+
+
+def test_http_404_is_a_value_error(http_server):
+    with pytest.raises(ValueError, match="HTTP 404"):
+        load(f"{http_server}/missing.png")
+
+
+def test_http_oversize_is_refused_by_header_and_while_streaming(http_server):
+    with pytest.raises(ValueError, match="5000 bytes, over the 1000-byte limit"):
+        load(f"{http_server}/big.png", max_bytes=1000)
+    with pytest.raises(ValueError, match="over the 1000-byte limit"):
+        load(f"{http_server}/stream-big", max_bytes=1000)
+
+
+def test_http_non_image_and_unreachable_host(http_server):
+    with pytest.raises(ValueError, match="not a decodable image"):
+        load(f"{http_server}/not-image")
+    closed = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = closed.server_address[1]
+    closed.server_close()  # nothing listens on this port now
+    with pytest.raises(ValueError, match="download failed"):
+        load(f"http://127.0.0.1:{port}/ok.png")
+
+
+def test_http_total_deadline_stops_a_dripping_server(http_server):
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="longer than 0.5 s|timed out"):
+        load(f"{http_server}/drip", timeout=0.5)
+    assert time.monotonic() - started < 3

@@ -1,0 +1,223 @@
+"""SDXL family: txt2img and img2img on one set of weights (LUSTIFY or any SDXL checkpoint).
+
+    family = SDXLFamily.load(LoadOptions(...), limits=ImageLimits.from_catalog(catalog.limits))
+    family.check(job)                   # ValueError naming the bad value; decodes an img2img init image
+    images = family.generate(job, on_step)
+
+A single `.safetensors` file (original LDM layout) is converted by diffusers at every
+`from_single_file` load; the converted pipeline is therefore kept once as a diffusers folder under
+`cache_dir` and later cold starts read that instead. Importing this module touches no GPU.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from workers.media import ImageLimits, load_input_image
+from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
+
+log = logging.getLogger(__name__)
+
+MIN_SIZE, MAX_SIZE = 64, 4096
+MODES = ("txt2img", "img2img")
+
+
+def _cache_key(path: Path, config_path: Path | None, dtype: torch.dtype) -> str:
+    """Names the converted folder after everything the conversion depends on: the file (name, size,
+    mtime), the config folder, the dtype and the diffusers version. A changed input → a new folder."""
+    stat = path.stat()
+    parts = [path.name, str(stat.st_size), str(stat.st_mtime_ns), str(config_path and config_path.resolve()),
+             str(dtype), diffusers.__version__]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:80]
+    return f"{stem}-{digest}"
+
+
+class SDXLFamily:
+    name = "sdxl"
+    # The variables that point at the files (job_types.yaml: models.lustify_sdxl.env / config_env).
+    MODEL_ENV = "SDXL_MODEL_PATH"
+    CONFIG_ENV = "SDXL_CONFIG_PATH"
+
+    def __init__(self, txt2img: StableDiffusionXLPipeline, device: torch.device, limits: ImageLimits,
+                 source: str):
+        self.txt2img = txt2img
+        # Same modules, no second copy of the weights; only the call logic differs.
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(txt2img, add_watermarker=False)
+        for pipe in (self.txt2img, self.img2img):
+            pipe.set_progress_bar_config(disable=True)
+        self.device = device
+        self.limits = limits
+        self.source = source  # "folder", "single_file" or "converted_cache": how the weights were read
+        self._prepared: tuple[str, Image.Image] | None = None  # (job_id, decoded init image) from check()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, opts: LoadOptions, limits: ImageLimits | None = None) -> "SDXLFamily":
+        device = torch.device(opts.device)
+        # bf16 on CUDA: fp16's range overflows in the SDXL VAE, bf16's does not, so no fp32 upcast.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        path = Path(opts.model_path)
+        if path.is_dir():
+            pipe, source = cls._from_folder(path, dtype), "folder"
+        elif path.is_file() and path.suffix == ".safetensors":
+            pipe, source = cls._from_single_file(path, opts.config_path, opts.cache_dir, dtype)
+        elif path.is_file():
+            raise ModelUnavailable(f"SDXL checkpoint {path} is not a .safetensors file or a diffusers folder")
+        else:
+            raise ModelUnavailable(f"SDXL checkpoint not found at {path}; set {cls.MODEL_ENV} (absolute, or relative to MODELS_DIR)")
+        if dtype == torch.bfloat16:
+            # img2img's VAE encode upcasts to fp32 whenever force_upcast is set; bf16 does not need it.
+            pipe.vae.register_to_config(force_upcast=False)
+        pipe.to(device)
+        return cls(pipe, device, limits or ImageLimits(), source)
+
+    @staticmethod
+    def _from_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+        return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                         add_watermarker=False)
+
+    @classmethod
+    def _from_single_file(cls, path: Path, config_path: Path | None, cache_dir: Path | None,
+                          dtype: torch.dtype) -> tuple[StableDiffusionXLPipeline, str]:
+        # Offline, from_single_file needs the component configs and tokenizers as a local folder;
+        # without `config` it would try to fetch them from the Hub.
+        if config_path is None or not (Path(config_path) / "model_index.json").is_file():
+            raise ModelUnavailable(
+                f"loading the single file {path} needs a diffusers config folder (model_index.json, component "
+                f"configs, tokenizers); {config_path or 'none'} is not one; set {cls.CONFIG_ENV}")
+        cached = Path(cache_dir) / _cache_key(path, Path(config_path), dtype) if cache_dir else None
+        if cached is not None and cached.is_dir():
+            try:
+                return cls._from_folder(cached, dtype), "converted_cache"
+            except Exception as exc:  # a damaged cache must not stop the worker: convert again
+                log.warning("converted cache %s is unreadable (%s); converting %s again", cached, exc, path.name)
+                shutil.rmtree(cached, ignore_errors=True)
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(path), config=str(config_path), dtype=dtype, local_files_only=True, add_watermarker=False)
+        if cached is not None:
+            cls._save_converted(pipe, cached)
+        return pipe, "single_file"
+
+    @staticmethod
+    def _save_converted(pipe: StableDiffusionXLPipeline, target: Path) -> None:
+        """Write into a temp folder, then rename: a crash never leaves a half folder under the final name."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by an earlier crash
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            os.rename(tmp, target)
+            log.info("converted %s into %s", target.name, target.parent)
+        except OSError as exc:  # disk full, another worker renamed first: the loaded pipe is fine
+            log.warning("could not keep the converted model at %s: %s", target, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ validation
+
+    def check(self, job) -> None:
+        """Reject a job before any GPU work. For img2img also download/decode the init image and keep
+        it for the following generate() of the same job (so a bad image fails here, not mid-batch)."""
+        self._validate(job)
+        if job.spec.mode == "img2img":
+            self._prepared = (job.job_id, self._load_init_image(job))
+
+    def _validate(self, job) -> None:
+        mode = job.spec.mode
+        if mode not in MODES:
+            raise ModelUnavailable(f"the SDXL worker cannot run {job.job_type} (mode {mode}; it runs {', '.join(MODES)})")
+        for what, value in (("width", job.width), ("height", job.height)):
+            if not MIN_SIZE <= value <= MAX_SIZE or value % 8:
+                raise ValueError(f"{what} {value} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}")
+        if job.steps < 1:
+            raise ValueError(f"steps {job.steps} must be at least 1")
+        if job.num_images < 1 or len(job.seeds) != job.num_images:
+            raise ValueError(f"number of images {job.num_images} needs as many seeds (got {len(job.seeds)})")
+        if job.guidance < 0:
+            raise ValueError(f"guidance {job.guidance} must not be negative")
+        if mode == "img2img":
+            if not job.init_image:
+                raise ValueError(f"{job.job_type} needs an init image")
+            if job.strength is None or not 0 < job.strength <= 1:
+                raise ValueError(f"strength {job.strength} must be in (0, 1]")
+            if int(job.steps * job.strength) < 1:
+                raise ValueError(f"steps {job.steps} × strength {job.strength} leaves no denoising step")
+
+    def _load_init_image(self, job) -> Image.Image:
+        image = load_input_image(job.init_image, self.limits.max_bytes, self.limits.max_pixels, self.limits.timeout)
+        if image.size != (job.width, job.height):
+            image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
+        return image
+
+    @staticmethod
+    def denoising_steps(job) -> int:
+        """Denoising steps actually run: img2img skips the first (1 - strength) of the schedule."""
+        if job.spec.mode == "img2img":
+            return min(int(job.steps * job.strength), job.steps)
+        return job.steps
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, job, on_step: StepCallback) -> list[Image.Image]:
+        """One batch of job.num_images. Image i uses its own generator seeded with job.seeds[i], so it
+        can be reproduced alone. Exceptions from on_step propagate (deadlines, shutdown). img2img uses
+        the image check() decoded for this job, or decodes it now if check() was skipped."""
+        self._validate(job)
+        kwargs = {}
+        if job.spec.mode == "img2img":
+            prepared, self._prepared = self._prepared, None
+            image = prepared[1] if prepared and prepared[0] == job.job_id else self._load_init_image(job)
+            kwargs.update(image=image, strength=job.strength)
+            pipe = self.img2img
+        else:
+            kwargs.update(width=job.width, height=job.height)
+            pipe = self.txt2img
+
+        def step_end(pipeline, step_index, timestep, callback_kwargs):
+            # num_timesteps is the length of the loop really run (img2img: the strength-cut schedule).
+            on_step(step_index + 1, pipeline.num_timesteps)
+            return callback_kwargs
+
+        n = job.num_images
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
+        oom = None
+        try:
+            result = pipe(
+                prompt=[job.prompt] * n,
+                negative_prompt=[job.negative_prompt] * n,
+                num_inference_steps=job.steps,
+                guidance_scale=job.guidance,
+                generator=generators,
+                callback_on_step_end=step_end,
+                output_type="pil",
+                **kwargs,
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc):
+                raise
+            oom = str(exc).splitlines()[0]
+        if oom is not None:
+            # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+            self.free_memory()
+            raise GenerationOutOfMemory(f"out of GPU memory generating {n} image(s) of {job.width}x{job.height}: {oom}")
+        return list(result.images)
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
