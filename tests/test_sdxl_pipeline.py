@@ -171,6 +171,15 @@ def test_img2img_shares_the_weights_with_txt2img(family):
         assert a.data_ptr() == b.data_ptr()
 
 
+def test_img2img_pipeline_keeps_the_loaded_dtype(tiny_sdxl):
+    # from_pipe casts shared modules to float32 unless told otherwise; on CUDA the family runs bf16.
+    pipe = SDXLFamily._from_folder(tiny_sdxl.folder, torch.bfloat16)
+    bf16 = SDXLFamily(pipe, torch.device("cpu"), ImageLimits(), "folder")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert getattr(bf16.img2img, name).dtype == torch.bfloat16, name
+        assert getattr(bf16.txt2img, name).dtype == torch.bfloat16, name
+
+
 def test_img2img_from_data_uri(family, catalog):
     job = make_job(catalog, "sdxl_img2img", initImage=png_uri(), strength=0.75)
     assert job.steps == 4 and SDXLFamily.denoising_steps(job) == int(4 * 0.75) == 3

@@ -52,8 +52,9 @@ class SDXLFamily:
     def __init__(self, txt2img: StableDiffusionXLPipeline, device: torch.device, limits: ImageLimits,
                  source: str):
         self.txt2img = txt2img
-        # Same modules, no second copy of the weights; only the call logic differs.
-        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(txt2img, add_watermarker=False)
+        # Same modules, no second copy of the weights; only the call logic differs. from_pipe casts
+        # every shared module to `dtype`, float32 when not given: pass the loaded dtype through.
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(txt2img, dtype=txt2img.dtype, add_watermarker=False)
         for pipe in (self.txt2img, self.img2img):
             pipe.set_progress_bar_config(disable=True)
         self.device = device

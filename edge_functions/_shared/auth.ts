@@ -1,0 +1,123 @@
+// Authentication for both functions, with WebCrypto only (no JWT library to pin or audit):
+// - users: the Supabase access token (HS256, signed with the project's SUPABASE_JWT_SECRET);
+// - workers: HMAC-SHA256 signature over "<timestamp>.<raw body>" with CALLBACK_SECRET, or the
+//   service key as a bearer token (the live workers' form) unless CALLBACK_REQUIRE_SIGNATURE=true.
+// Every secret comparison is constant-time.
+
+const encoder = new TextEncoder();
+export const SIGNATURE_MAX_AGE_S = 300;
+
+async function hmacKey(secret: string): Promise<CryptoKey> {
+  return await crypto.subtle.importKey("raw", encoder.encode(secret), { name: "HMAC", hash: "SHA-256" }, false, [
+    "sign",
+    "verify",
+  ]);
+}
+
+export async function hmacHex(secret: string, message: string): Promise<string> {
+  const sig = new Uint8Array(await crypto.subtle.sign("HMAC", await hmacKey(secret), encoder.encode(message)));
+  return Array.from(sig, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Constant-time string equality: both sides are hashed first, so lengths do not leak either. */
+export async function safeEqual(a: string, b: string): Promise<boolean> {
+  const [ha, hb] = await Promise.all([
+    crypto.subtle.digest("SHA-256", encoder.encode(a)),
+    crypto.subtle.digest("SHA-256", encoder.encode(b)),
+  ]);
+  const x = new Uint8Array(ha), y = new Uint8Array(hb);
+  let diff = 0;
+  for (let i = 0; i < x.length; i++) diff |= x[i] ^ y[i];
+  return diff === 0;
+}
+
+function b64urlDecode(part: string): Uint8Array<ArrayBuffer> {
+  const b64 = part.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((part.length + 3) % 4);
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+}
+
+export function bearer(req: Request): string | null {
+  const header = req.headers.get("authorization") ?? "";
+  const match = /^Bearer\s+(\S+)$/i.exec(header.trim());
+  return match ? match[1] : null;
+}
+
+export interface UserClaims {
+  sub: string;
+  role: string;
+  exp: number;
+  [key: string]: unknown;
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/** The signed-in user's claims, or a reason why the token is not acceptable. */
+export async function verifyUserJwt(
+  token: string | null,
+  secret: string,
+  now = Date.now() / 1000,
+): Promise<{ claims: UserClaims } | { error: string }> {
+  if (!token) return { error: "missing bearer token" };
+  const parts = token.split(".");
+  if (parts.length !== 3) return { error: "malformed token" };
+  let header: { alg?: string }, claims: UserClaims;
+  try {
+    header = JSON.parse(new TextDecoder().decode(b64urlDecode(parts[0])));
+    claims = JSON.parse(new TextDecoder().decode(b64urlDecode(parts[1])));
+  } catch {
+    return { error: "malformed token" };
+  }
+  if (header.alg !== "HS256") return { error: "unsupported token algorithm" };
+  let valid = false;
+  try {
+    valid = await crypto.subtle.verify(
+      "HMAC",
+      await hmacKey(secret),
+      b64urlDecode(parts[2]),
+      encoder.encode(`${parts[0]}.${parts[1]}`),
+    );
+  } catch {
+    valid = false;
+  }
+  if (!valid) return { error: "invalid token signature" };
+  if (typeof claims.exp !== "number" || claims.exp < now) return { error: "token expired" };
+  if (claims.role !== "authenticated") return { error: "not a signed-in user" };
+  if (typeof claims.sub !== "string" || !UUID.test(claims.sub)) return { error: "token has no user id" };
+  return { claims };
+}
+
+export interface CallbackAuthConfig {
+  serviceKey: string | null;
+  callbackSecret: string | null;
+  requireSignature: boolean;
+}
+
+export function callbackAuthFromEnv(env: { get(key: string): string | undefined }): CallbackAuthConfig {
+  return {
+    serviceKey: env.get("SUPABASE_SERVICE_ROLE_KEY") || env.get("SUPABASE_SERVICE_KEY") || null,
+    callbackSecret: env.get("CALLBACK_SECRET") || null,
+    requireSignature: (env.get("CALLBACK_REQUIRE_SIGNATURE") ?? "").toLowerCase() === "true",
+  };
+}
+
+/** null when the caller is a worker; else the reason (answered with 401). */
+export async function verifyCallback(
+  req: Request,
+  rawBody: string,
+  config: CallbackAuthConfig,
+  now = Date.now() / 1000,
+): Promise<string | null> {
+  const signature = req.headers.get("x-callback-signature");
+  const timestamp = req.headers.get("x-callback-timestamp");
+  if (signature !== null && config.callbackSecret) {
+    // A signature that is present must be valid, even when the bearer would pass.
+    if (!timestamp || !/^\d{1,12}$/.test(timestamp)) return "missing or malformed X-Callback-Timestamp";
+    if (Math.abs(now - Number(timestamp)) > SIGNATURE_MAX_AGE_S) return "callback signature expired";
+    const expected = "v1=" + await hmacHex(config.callbackSecret, `${timestamp}.${rawBody}`);
+    return await safeEqual(signature.trim().toLowerCase(), expected) ? null : "invalid callback signature";
+  }
+  if (config.requireSignature) return "callback signature required";
+  const token = bearer(req);
+  if (!token || !config.serviceKey) return "missing credentials";
+  return await safeEqual(token, config.serviceKey) ? null : "invalid credentials";
+}

@@ -1,0 +1,92 @@
+"""The README's path: `dual_orchestrator.py run` on its embedded default (it starts redis-server
+itself, local storage), then `submit --wait`, `queues`, `status`, and a clean SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from PIL import Image
+
+from tests.conftest import free_port
+from tests.fixtures.catalog import write_small_job_types
+from tests.worker_harness import REPO
+
+
+def cli(env, *args, timeout=180):
+    return subprocess.run([sys.executable, "dual_orchestrator.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def daemon(tmp_path, tiny_sdxl):
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "EMBEDDED_REDIS_PORT": str(port),
+           "JOB_TYPES_FILE": str(write_small_job_types(tmp_path, steps=3)),
+           "MODELS_DIR": str(tmp_path / "models"), "SDXL_MODEL_PATH": str(tiny_sdxl.single_file),
+           "SDXL_CONFIG_PATH": str(tiny_sdxl.folder), "DEVICE": "cpu", "CLAIM_TIMEOUT": "0.5",
+           "STOP_GRACE": "10", "WATCH_TIMEOUT": "120"}
+    for key in ("REDIS_URL", "UPSTASH_REDIS_REST_URL", "SUPABASE_URL", "SUPABASE_SERVICE_KEY"):
+        env.pop(key, None)
+    log = open(tmp_path / "orchestrator.log", "wb")
+    proc = subprocess.Popen([sys.executable, "dual_orchestrator.py", "run"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 120
+    while True:   # both workers registered and beating = both reported ready
+        try:
+            alive = [k for k in client.keys("worker:*")]
+            if len(alive) == 2 and all(b'"idle"' in client.get(k) for k in alive):
+                break
+        except redis.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((tmp_path / "orchestrator.log").read_text()[-4000:])
+        time.sleep(0.1)
+    yield env, proc, client, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_run_submit_watch_and_stop(daemon):
+    env, proc, client, tmp_path = daemon
+    done = cli(env, "submit", "sdxl_image_fast", "a lighthouse at dusk", "--num-images", "2", "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    job_id = lines[0]
+    assert any(" processing generating step " in line for line in lines)
+    assert any(line.startswith(f"{job_id} completed") for line in lines)
+    pngs = [line for line in lines if line.endswith(".png")]
+    assert len(pngs) == 2
+    for path in pngs:
+        assert path.startswith(str(tmp_path / "data" / "storage" / "sdxl_image_fast"))
+        assert Image.open(path).size == (64, 64)
+
+    status = json.loads(cli(env, "status", job_id).stdout)
+    assert status["status"] == "completed" and len(status["outputs"]) == 2
+
+    video = cli(env, "submit", "video_fast", "waves", "--wait")
+    assert video.returncode == 1 and "not installed" in video.stdout
+
+    queues = json.loads(cli(env, "queues").stdout)
+    by_name = {q.get("queue"): q for q in queues}
+    assert by_name["sdxl_queue"]["pending"] == 0 and by_name["sdxl_queue"]["workers"][0]["alive"]
+    assert by_name["wan_queue"]["workers"][0]["alive"] and "job_queue" in by_name
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    with pytest.raises(redis.ConnectionError):     # the embedded redis-server went down with it
+        client.ping()
+    assert (tmp_path / "data" / "redis" / "appendonlydir").exists()
+
+
+def test_submit_refuses_an_unknown_job_type(tmp_path):
+    result = cli({**os.environ, "DATA_DIR": str(tmp_path)}, "submit", "sdxl_image_ultra", "x")
+    assert result.returncode == 2 and "unknown job type" in result.stderr
