@@ -55,6 +55,7 @@ def cmd_run(args) -> int:
              for name in args.workers]
     supervisor = Supervisor(specs, run_dir=settings.data_dir / "run")
     stop = threading.Event()
+    _publish_status(supervisor, settings, env["REDIS_URL"] if embedded else settings.redis_url, stop)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
@@ -64,6 +65,28 @@ def cmd_run(args) -> int:
         if embedded:
             embedded.stop()
     return 0
+
+
+def _publish_status(supervisor, settings, redis_url: str, stop: threading.Event) -> None:
+    """Every 2 s, the supervisor's view (states, restarts, exit codes) for `queues` and health checks."""
+    import socket
+
+    import redis
+
+    from workers.queue import connect
+
+    key = f"orchestrator:{socket.gethostname()}"
+
+    def loop() -> None:
+        client = connect(redis_url)
+        while not stop.is_set():
+            try:
+                client.set(key, json.dumps(supervisor.status()), ex=10)
+            except redis.RedisError as exc:
+                log.warning("could not publish the supervisor status: %s", exc)
+            stop.wait(2.0)
+
+    threading.Thread(target=loop, name="status", daemon=True).start()
 
 
 def cmd_submit(args) -> int:
@@ -119,6 +142,8 @@ def cmd_queues(args) -> int:
     for worker in catalog.workers.values():
         for legacy in worker.legacy_queues:
             report.append({"queue": legacy, "pending": client.llen(legacy), "drained_into": worker.queue})
+    for key in client.scan_iter("orchestrator:*"):
+        report.append({"orchestrator": key.decode().split(":", 1)[1], "processes": json.loads(client.get(key) or "{}")})
     report.append({"callbacks_pending": client.zcard("callbacks:due"), "callbacks_dead": client.llen("callbacks:dead")})
     print(json.dumps(report, indent=2))
     return 0

@@ -79,6 +79,8 @@ def test_run_submit_watch_and_stop(daemon):
     by_name = {q.get("queue"): q for q in queues}
     assert by_name["sdxl_queue"]["pending"] == 0 and by_name["sdxl_queue"]["workers"][0]["alive"]
     assert by_name["wan_queue"]["workers"][0]["alive"] and "job_queue" in by_name
+    processes = next(q["processes"] for q in queues if "orchestrator" in q)
+    assert {name: p["state"] for name, p in processes.items()} == {"image": "running", "video": "running"}
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0

@@ -12,7 +12,7 @@ An "instant crash" is an exit before RUNNING, within `startsecs` of becoming RUN
 STARTING child killed after `ready_timeout`. A crash after a healthy run resets the count.
 
 Exit code 78 (EX_CONFIG, sysexits.h) means "my configuration is wrong": restarting cannot help,
-so the child goes FATAL at once. Workers exit 78 for a bad model path, a bad job_types.yaml, etc.
+so the child goes FATAL at once. Workers exit 78 for a wrong job_types.yaml or environment.
 
 Ready protocol: every spawn gets WORKER_READY_FILE=<fresh path in run_dir>; the child creates
 that file after its weights load (`report_ready()`), and the next tick sees it.
