@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The pod's start command (RunPod): install the locked stack when it changed, check it, and exec the
 # orchestrator. Usage: bash start.sh [--demo] [extra `dual_orchestrator.py run` arguments]
-#   --demo  build tiny random-weight models under DATA_DIR/demo-models (once) and serve them:
-#           the whole job path works on any machine, the pictures are noise.
+#   --demo  build tiny random-weight models under DATA_DIR/demo-models (once) and serve them at
+#           256x256: the whole job path works on any machine, in seconds on a CPU; pictures are noise.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,6 +34,7 @@ if [ "$demo" = 1 ]; then
   export DATA_DIR="${DATA_DIR:-$PWD/data}"
   export MODELS_DIR="$DATA_DIR/demo-models"
   "$VENV/bin/python" -m tools.tiny_models "$MODELS_DIR"
+  export JOB_TYPES_FILE="${JOB_TYPES_FILE:-$MODELS_DIR/demo_job_types.yaml}"
 fi
 
 exec "$VENV/bin/python" dual_orchestrator.py run "$@"

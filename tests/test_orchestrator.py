@@ -14,7 +14,7 @@ import redis
 from PIL import Image
 
 from tests.conftest import free_port
-from tests.fixtures.catalog import write_small_job_types
+from tools.small_catalog import write_small_job_types
 from tests.worker_harness import REPO
 
 

@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.fixtures.catalog import small_catalog
+from tools.small_catalog import small_catalog
 from workers.job import parse_job
 from workers.media import ImageLimits
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable

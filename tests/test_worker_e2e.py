@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from tests.fixtures.catalog import write_small_job_types
+from tools.small_catalog import write_small_job_types
 from tests.supabase_standin import SupabaseStandin
 from tests.worker_harness import USER, WorkerProcess, contract_payload, push, wait_for, worker_env
 from workers.video_worker import NOT_INSTALLED

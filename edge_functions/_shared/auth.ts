@@ -1,5 +1,6 @@
 // Authentication for both functions, with WebCrypto only (no JWT library to pin or audit):
-// - users: the Supabase access token (HS256, signed with the project's SUPABASE_JWT_SECRET);
+// - users: the Supabase access token: HS256 with the legacy JWT secret, or ES256/RS256 with the
+//   project's signing keys (SUPABASE_JWKS);
 // - workers: HMAC-SHA256 signature over "<timestamp>.<raw body>" with CALLBACK_SECRET, or the
 //   service key as a bearer token (the live workers' form) unless CALLBACK_REQUIRE_SIGNATURE=true.
 // Every secret comparison is constant-time.
@@ -51,31 +52,45 @@ export interface UserClaims {
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
+const ASYMMETRIC: Record<string, { import: RsaHashedImportParams | EcKeyImportParams; verify: AlgorithmIdentifier | EcdsaParams }> = {
+  ES256: { import: { name: "ECDSA", namedCurve: "P-256" }, verify: { name: "ECDSA", hash: "SHA-256" } },
+  RS256: { import: { name: "RSASSA-PKCS1-v1_5", hash: "SHA-256" }, verify: { name: "RSASSA-PKCS1-v1_5" } },
+};
+
+async function signatureValid(alg: string, kid: unknown, parts: string[], secret: string | null, jwks: JsonWebKey[]) {
+  const data = encoder.encode(`${parts[0]}.${parts[1]}`);
+  const sig = b64urlDecode(parts[2]);
+  if (alg === "HS256") return secret ? await crypto.subtle.verify("HMAC", await hmacKey(secret), sig, data) : false;
+  const params = ASYMMETRIC[alg];
+  // Projects on asymmetric signing keys publish them as SUPABASE_JWKS; pick the token's kid.
+  const jwk = jwks.find((k) => (k as { kid?: string }).kid === kid && (!k.alg || k.alg === alg));
+  if (!params || !jwk) return false;
+  const key = await crypto.subtle.importKey("jwk", jwk, params.import, false, ["verify"]);
+  return await crypto.subtle.verify(params.verify, key, sig, data);
+}
+
 /** The signed-in user's claims, or a reason why the token is not acceptable. */
 export async function verifyUserJwt(
   token: string | null,
-  secret: string,
+  secret: string | null,
   now = Date.now() / 1000,
+  jwks: JsonWebKey[] = [],
 ): Promise<{ claims: UserClaims } | { error: string }> {
   if (!token) return { error: "missing bearer token" };
   const parts = token.split(".");
   if (parts.length !== 3) return { error: "malformed token" };
-  let header: { alg?: string }, claims: UserClaims;
+  let header: { alg?: string; kid?: string }, claims: UserClaims;
   try {
     header = JSON.parse(new TextDecoder().decode(b64urlDecode(parts[0])));
     claims = JSON.parse(new TextDecoder().decode(b64urlDecode(parts[1])));
   } catch {
     return { error: "malformed token" };
   }
-  if (header.alg !== "HS256") return { error: "unsupported token algorithm" };
+  const alg = header.alg ?? "";
+  if (alg !== "HS256" && !Object.hasOwn(ASYMMETRIC, alg)) return { error: "unsupported token algorithm" };
   let valid = false;
   try {
-    valid = await crypto.subtle.verify(
-      "HMAC",
-      await hmacKey(secret),
-      b64urlDecode(parts[2]),
-      encoder.encode(`${parts[0]}.${parts[1]}`),
-    );
+    valid = await signatureValid(alg, header.kid, parts, secret, jwks);
   } catch {
     valid = false;
   }
@@ -84,6 +99,20 @@ export async function verifyUserJwt(
   if (claims.role !== "authenticated") return { error: "not a signed-in user" };
   if (typeof claims.sub !== "string" || !UUID.test(claims.sub)) return { error: "token has no user id" };
   return { claims };
+}
+
+/**
+ * How queue-job checks user tokens: the legacy JWT secret (HS256) and/or the project's public
+ * signing keys. Supabase gives functions SUPABASE_JWKS; it does not give the JWT secret, and
+ * `supabase secrets set` refuses SUPABASE_* names, so a legacy project deploys it as JWT_SECRET.
+ */
+export function userKeysFromEnv(env: { get(key: string): string | undefined }): { jwtSecret: string | null; jwks: JsonWebKey[] } {
+  const jwtSecret = env.get("JWT_SECRET") || env.get("SUPABASE_JWT_SECRET") || null;
+  const raw = env.get("SUPABASE_JWKS");
+  const parsed = raw ? JSON.parse(raw) : [];
+  const jwks: JsonWebKey[] = Array.isArray(parsed) ? parsed : (parsed.keys ?? []);
+  if (!jwtSecret && jwks.length === 0) throw new Error("set JWT_SECRET or SUPABASE_JWKS for queue-job");
+  return { jwtSecret, jwks };
 }
 
 export interface CallbackAuthConfig {

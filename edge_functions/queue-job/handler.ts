@@ -12,7 +12,8 @@ import type { QueueClient } from "../_shared/queue.ts";
 export interface QueueJobDeps {
   sql: Sql;
   queue: QueueClient;
-  jwtSecret: string;
+  jwtSecret: string | null;
+  jwks?: JsonWebKey[];
   classifier?: Classifier | null;
 }
 
@@ -127,7 +128,7 @@ export function createQueueJobHandler(deps: QueueJobDeps): (req: Request) => Pro
     const pre = preflight(req);
     if (pre) return pre;
     if (req.method !== "POST") return errorResponse(405, "use POST");
-    const auth = await verifyUserJwt(bearer(req), deps.jwtSecret);
+    const auth = await verifyUserJwt(bearer(req), deps.jwtSecret, Date.now() / 1000, deps.jwks ?? []);
     if ("error" in auth) return errorResponse(401, auth.error);
     const userId = auth.claims.sub;
 

@@ -10,6 +10,8 @@ or list "tests.supabase.fixtures" in a conftest's pytest_plugins.
 - `supabase_db` (per test): a fresh database copied from that template (`.url`, `.psql()`).
 - `edge_server` (per test): edge_functions/dev_server.ts (both functions under
   /functions/v1/<name>, like Supabase) on a free port, wired to `supabase_db` and `redis_server`.
+  `EdgeServer(db_url, redis_url, {"DEV_STORAGE_URL": standin.url}).start()` also forwards
+  /storage/v1/* to a storage stand-in, so a worker's single SUPABASE_URL serves both.
 """
 from __future__ import annotations
 
@@ -221,7 +223,7 @@ class EdgeServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             "PORT": str(self.port), "SUPABASE_DB_URL": db_url, "REDIS_URL": redis_url,
-            "SUPABASE_JWT_SECRET": JWT_SECRET, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+            "JWT_SECRET": JWT_SECRET, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
             "CALLBACK_SECRET": CALLBACK_SECRET, **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None

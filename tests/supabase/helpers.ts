@@ -21,7 +21,7 @@ export const redis = createClient({ url: REDIS_URL });
 await redis.connect();
 
 /** A test that shares the module-wide connections (so Deno's resource sanitizer is off). */
-export function test(name: string, fn: () => Promise<void>) {
+export function test(name: string, fn: () => void | Promise<void>) {
   Deno.test({ name, fn, sanitizeOps: false, sanitizeResources: false });
 }
 
