@@ -84,6 +84,15 @@ def test_bad_payloads_are_rejected_with_a_reason(raw, fragment, has_id):
     assert (exc.job_id is not None) == has_id
 
 
+def test_the_prompt_policy_applies_in_the_worker_too():
+    from workers.safety import check_prompt
+
+    prompt = "nude photo of a 12 yo"
+    assert check_prompt(prompt) is not None
+    assert rejected(payload(prompt=prompt)).reason == check_prompt(prompt)
+    assert parse_job(payload(prompt="a lighthouse at dusk, 12 boats"), CATALOG).prompt
+
+
 def test_oversize_payload_is_rejected_before_parsing():
     big = json.dumps(payload(prompt="x" * (CATALOG.limits.payload_max_bytes + 1)))
     assert "over the" in rejected(big).reason

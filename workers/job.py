@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.config import SAFE_SEGMENT, Catalog, JobTypeSpec
+from workers.safety import check_prompt
 
 MAX_SEED = 2**32 - 1
 
@@ -126,6 +127,9 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         raise JobRejected("prompt must be a string", job_id, user_id)
     if len(prompt) > limits.prompt_max_chars:
         raise JobRejected(f"prompt is {len(prompt)} characters, over the {limits.prompt_max_chars}-character limit", job_id, user_id)
+    refusal = check_prompt(prompt)     # queue-job checks too; a queue item may come from elsewhere
+    if refusal is not None:
+        raise JobRejected(refusal, job_id, user_id)
 
     negative = _pick(payload, meta, "negativePrompt", "negative_prompt")
     if negative is None:
