@@ -165,8 +165,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+@pytest.fixture
+def http_server(_loopback_server, monkeypatch):
+    monkeypatch.setenv("ALLOW_PRIVATE_INPUT_URLS", "1")   # the test server lives on loopback
+    return _loopback_server
+
+
 @pytest.fixture(scope="module")
-def http_server():
+def _loopback_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -184,6 +190,33 @@ def http_server():
     yield base
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.png", "http://169.254.169.254/latest/meta-data",
+                                 "http://10.0.0.1/a.png", "http://[::1]/a.png", "http://localhost/a.png"])
+def test_private_hosts_are_refused_before_any_request(url, monkeypatch):
+    monkeypatch.delenv("ALLOW_PRIVATE_INPUT_URLS", raising=False)
+    with pytest.raises(ValueError, match="not a public address"):
+        load(url)
+
+
+def test_a_redirect_to_a_private_host_is_refused(_loopback_server, monkeypatch):
+    from workers import media
+
+    checked = []
+    real = media._refuse_private_host
+
+    def public_first_hop(url):   # the first hop stands for a public host; the redirect target is checked for real
+        checked.append(url)
+        if len(checked) > 1:
+            monkeypatch.delenv("ALLOW_PRIVATE_INPUT_URLS", raising=False)
+        real(url)
+
+    monkeypatch.setenv("ALLOW_PRIVATE_INPUT_URLS", "1")
+    monkeypatch.setattr(media, "_refuse_private_host", public_first_hop)
+    with pytest.raises(ValueError, match="not a public address"):
+        load(f"{_loopback_server}/moved")
+    assert checked[1].endswith("/ok.png")
 
 
 def test_http_url_downloads_and_decodes(http_server):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
+import os
+import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
@@ -62,16 +66,43 @@ def _decode_data_uri(source: str, max_bytes: int) -> bytes:
     return data
 
 
+def _refuse_private_host(url: str) -> None:
+    """Input URLs come from users: never let them reach the pod's own network (SSRF).
+    ALLOW_PRIVATE_INPUT_URLS=1 lifts this for tests and private deployments."""
+    if os.environ.get("ALLOW_PRIVATE_INPUT_URLS", "") in ("1", "true", "yes"):
+        return
+    host = urlsplit(url).hostname
+    if not host:
+        raise ValueError("init image URL has no host")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        raise ValueError(f"init image host {host[:100]!r} does not resolve") from None
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global:
+            raise ValueError(f"init image host {host[:100]!r} is not a public address")
+
+
 def _download(url: str, max_bytes: int, timeout: float) -> bytes:
     """GET with a byte cap and an overall deadline. requests' own timeout bounds each socket read
     only, so a server dripping bytes could hold the worker forever; read1() returns whatever has
-    arrived, which lets the deadline be checked after every read."""
+    arrived, which lets the deadline be checked after every read. Redirects are followed by hand
+    so that every hop's host is checked."""
     deadline = time.monotonic() + timeout
     chunks, size = [], 0
     with requests.Session() as session:
-        session.max_redirects = _MAX_REDIRECTS
         try:
-            with session.get(url, stream=True, timeout=timeout) as response:
+            for _ in range(_MAX_REDIRECTS + 1):
+                _refuse_private_host(url)
+                response = session.get(url, stream=True, timeout=timeout, allow_redirects=False)
+                if not response.is_redirect:
+                    break
+                url = urljoin(url, response.headers["Location"])
+                response.close()
+            else:
+                raise ValueError(f"init image URL redirects more than {_MAX_REDIRECTS} times")
+            with response:
                 if response.status_code >= 400:
                     raise ValueError(f"init image download failed: HTTP {response.status_code} from {url[:200]}")
                 declared = response.headers.get("Content-Length", "")
