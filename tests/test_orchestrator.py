@@ -82,6 +82,17 @@ def test_run_submit_watch_and_stop(daemon):
     processes = next(q["processes"] for q in queues if "orchestrator" in q)
     assert {name: p["state"] for name, p in processes.items()} == {"image": "running", "video": "running"}
 
+    # A worker that dies is restarted by the orchestrator and serves again.
+    key = next(k for k in client.keys("worker:image@*"))
+    old_pid = json.loads(client.get(key))["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while json.loads(client.get(key) or "{}").get("pid") in (old_pid, None) or b'"idle"' not in (client.get(key) or b""):
+        assert time.monotonic() < deadline, "the image worker was not restarted"
+        time.sleep(0.1)
+    again = cli(env, "submit", "sdxl_image_fast", "a second lighthouse", "--num-images", "1", "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     with pytest.raises(redis.ConnectionError):     # the embedded redis-server went down with it
