@@ -55,32 +55,42 @@ def cmd_run(args) -> int:
              for name in args.workers]
     supervisor = Supervisor(specs, run_dir=settings.data_dir / "run")
     stop = threading.Event()
-    _publish_status(supervisor, settings, env["REDIS_URL"] if embedded else settings.redis_url, stop)
+    redis_url = env["REDIS_URL"] if embedded else settings.redis_url
+    _publish_status(supervisor, settings, redis_url, stop, embedded)
+    from workers.metrics import serve
+
+    http = serve(settings.health_host, settings.health_port, supervisor.status, redis_url, catalog)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         # Workers finish their job for up to STOP_GRACE s, then give it back; leave them time for that.
         supervisor.run_forever(stop, grace=float(os.environ.get("STOP_GRACE", "30")) + 15)
     finally:
+        if http is not None:
+            http.shutdown()
         if embedded:
             embedded.stop()
     return 0
 
 
-def _publish_status(supervisor, settings, redis_url: str, stop: threading.Event) -> None:
-    """Every 2 s, the supervisor's view (states, restarts, exit codes) for `queues` and health checks."""
+def _publish_status(supervisor, settings, redis_url: str, stop: threading.Event, embedded=None) -> None:
+    """Every 2 s, the supervisor's view (states, restarts, exit codes) for `queues` and health checks;
+    also restarts the embedded redis-server if it died."""
     import socket
 
     import redis
-
-    from workers.queue import connect
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     key = f"orchestrator:{socket.gethostname()}"
 
     def loop() -> None:
-        client = connect(redis_url)
+        # No retries: a stalled write here would also delay restarting a dead embedded redis-server.
+        client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
         while not stop.is_set():
             try:
+                if embedded is not None:
+                    embedded.ensure_running()
                 client.set(key, json.dumps(supervisor.status()), ex=10)
             except redis.RedisError as exc:
                 log.warning("could not publish the supervisor status: %s", exc)
@@ -109,6 +119,8 @@ def cmd_submit(args) -> int:
         payload["seed"] = args.seed
     if args.init_image:
         payload["initImage"] = _as_image_source(args.init_image)
+    if args.reference_image:
+        payload["referenceImages"] = [_as_image_source(value) for value in args.reference_image]
     client = _redis(settings)
     from workers.queue import JobRecords
 
@@ -222,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--num-images", type=int)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--bucket")
-    submit.add_argument("--init-image", help="img2img source: a file, an http(s) URL or a data: URI")
+    submit.add_argument("--init-image", help="img2img source or image-to-video first frame: a file, an http(s) URL or a data: URI")
+    submit.add_argument("--reference-image", action="append",
+                        help="reference-to-video: a picture of the character (repeat for up to 3)")
     submit.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     submit.set_defaults(func=cmd_submit)
     status = sub.add_parser("status", help="show a job's status")

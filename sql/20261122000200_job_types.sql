@@ -14,7 +14,10 @@ values
   ('image_fast', 'wan_queue', 'WAN', 'image', 73, 3, 1),
   ('image_high', 'wan_queue', 'WAN', 'image', 90, 3, 1),
   ('video_fast', 'wan_queue', 'WAN', 'video', 180, 2, 1),
-  ('video_high', 'wan_queue', 'WAN', 'video', 280, 2, 1)
+  ('video_high', 'wan_queue', 'WAN', 'video', 280, 2, 1),
+  ('video_i2v_fast', 'wan_queue', 'WAN', 'video', 300, 2, 2),
+  ('video_i2v_high', 'wan_queue', 'WAN', 'video', 560, 2, 2),
+  ('video_r2v', 'wan_queue', 'WAN', 'video', 240, 2, 2)
 on conflict (job_type) do update set
   queue = excluded.queue, worker_type = excluded.worker_type, content = excluded.content,
   expected_seconds = excluded.expected_seconds, max_attempts = excluded.max_attempts, phase = excluded.phase;
@@ -28,7 +31,10 @@ delete from public.job_type_catalog where job_type not in (
   'image_fast',
   'image_high',
   'video_fast',
-  'video_high'
+  'video_high',
+  'video_i2v_fast',
+  'video_i2v_high',
+  'video_r2v'
 );
 insert into public.job_type_buckets (job_type, bucket, is_default)
 values
@@ -42,7 +48,10 @@ values
   ('image_fast', 'image_fast', true),
   ('image_high', 'image_high', true),
   ('video_fast', 'video_fast', true),
-  ('video_high', 'video_high', true);
+  ('video_high', 'video_high', true),
+  ('video_i2v_fast', 'video_fast', true),
+  ('video_i2v_high', 'video_high', true),
+  ('video_r2v', 'video_high', true);
 
 alter table public.jobs drop constraint if exists valid_job_types;
 alter table public.jobs add constraint valid_job_types check (job_type in (
@@ -53,7 +62,10 @@ alter table public.jobs add constraint valid_job_types check (job_type in (
   'image_fast',
   'image_high',
   'video_fast',
-  'video_high'
+  'video_high',
+  'video_i2v_fast',
+  'video_i2v_high',
+  'video_r2v'
 )) not valid;
 
 update public.jobs j
@@ -72,7 +84,7 @@ values
   ('sdxl_img2img', 'sdxl_img2img', false, 31457280, array['image/png']),
   ('image_fast', 'image_fast', false, 20971520, array['image/png']),
   ('image_high', 'image_high', false, 31457280, array['image/png']),
-  ('video_fast', 'video_fast', false, 20971520, array['video/mp4']),
-  ('video_high', 'video_high', false, 31457280, array['video/mp4'])
+  ('video_fast', 'video_fast', false, 20971520, array['video/mp4', 'image/jpeg']),
+  ('video_high', 'video_high', false, 31457280, array['video/mp4', 'image/jpeg'])
 on conflict (id) do update set
   public = false, file_size_limit = excluded.file_size_limit, allowed_mime_types = excluded.allowed_mime_types;

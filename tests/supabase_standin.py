@@ -9,8 +9,10 @@ Endpoints:
   POST /storage/v1/object/{bucket}/{userId}/{filename}   Bearer key, Content-Type, x-upsert to overwrite
   GET  /storage/v1/object/{bucket}/{userId}/{filename}   Bearer key → the bytes
   POST /functions/v1/job-callback                       Bearer key (+ a valid signature when a secret is set)
-Fault injection: fail_next(prefix, count, status), hang_next(prefix, count, seconds), clear_faults().
+Fault injection: fail_next(prefix, count, status), hang_next(prefix, count, seconds), clear_faults();
+outages for a time: fail_for(prefix, duration, status), hang_for(prefix, duration, seconds).
 A hung request is still processed after its delay, as a slow real server would.
+`early_completions` lists completed callbacks that named an output the stand-in did not hold yet.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class _Fault:
     remaining: int
     status: int | None = None
     seconds: float = 0.0
+    until: float | None = None  # a time-bound outage (time.monotonic()); `remaining` is then ignored
 
 
 class SupabaseStandin:
@@ -57,6 +60,7 @@ class SupabaseStandin:
         self.objects: dict[str, tuple[bytes, str]] = {}
         self.callbacks: list[dict] = []
         self.requests: list[Recorded] = []
+        self.early_completions: list[dict] = []
         self.lock = threading.Lock()
         self._faults: list[_Fault] = []
         self._server: ThreadingHTTPServer | None = None
@@ -99,6 +103,14 @@ class SupabaseStandin:
         with self.lock:
             self._faults.append(_Fault(path_prefix, count, seconds=seconds))
 
+    def fail_for(self, path_prefix: str, duration: float, status: int = 503) -> None:
+        with self.lock:
+            self._faults.append(_Fault(path_prefix, 0, status=status, until=time.monotonic() + duration))
+
+    def hang_for(self, path_prefix: str, duration: float, seconds: float) -> None:
+        with self.lock:
+            self._faults.append(_Fault(path_prefix, 0, seconds=seconds, until=time.monotonic() + duration))
+
     def clear_faults(self) -> None:
         with self.lock:
             self._faults.clear()
@@ -106,7 +118,12 @@ class SupabaseStandin:
     def _take_fault(self, path: str) -> _Fault | None:
         with self.lock:
             for fault in self._faults:
-                if fault.remaining > 0 and path.startswith(fault.prefix):
+                if not path.startswith(fault.prefix):
+                    continue
+                if fault.until is not None:
+                    if time.monotonic() < fault.until:
+                        return fault
+                elif fault.remaining > 0:
                     fault.remaining -= 1
                     return fault
         return None
@@ -236,4 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 400, {"success": False, "error": f"invalid status {payload.get('status')!r}"}
         with cloud.lock:
             cloud.callbacks.append(payload)
+            if payload["status"] == "completed":
+                named = list(payload.get("imageUrls") or []) + [payload.get("filePath") or payload.get("outputUrl")]
+                held = {key.split("/", 1)[1] for key in cloud.objects}
+                if any(path not in held for path in named if path):
+                    cloud.early_completions.append(payload)
         return 200, {"success": True}

@@ -152,6 +152,18 @@ def test_local_status_sink_keeps_latest_and_history(tmp_path):
     assert sorted(os.listdir(tmp_path / "jobs")) == [".lock", "callbacks.jsonl", "job-1.json"]
 
 
+def test_local_status_sink_ignores_repeats_and_late_progress(tmp_path):
+    # The outbox resends a body when its sender died after delivering it; a progress report can
+    # arrive late. Like the live job-callback, a finished record then stays as it is.
+    sink = LocalStatusSink(tmp_path / "jobs")
+    done = completed_body("job-2", ["u/job-2_0.png"], "image")
+    for body in (processing_body("job-2"), done, done, processing_body("job-2")):
+        sink.deliver(body)
+    record = sink.read("job-2")
+    assert record["status"] == "completed" and [h["status"] for h in record["history"]] == ["processing", "completed"]
+    assert len((tmp_path / "jobs" / "callbacks.jsonl").read_text().splitlines()) == 4   # every receipt is logged
+
+
 def test_local_status_sink_rejects_unsafe_job_id(tmp_path):
     with pytest.raises(CallbackError) as err:
         LocalStatusSink(tmp_path).deliver({"jobId": "../x", "status": "failed"})

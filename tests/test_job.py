@@ -58,6 +58,8 @@ def test_img2img_needs_an_image_and_takes_strength():
 @pytest.mark.parametrize("raw, fragment, has_id", [
     (b"{not json", "not valid JSON", False),
     (b"\xff\xfe", "not valid JSON", False),
+    (b'{"jobId": "a", "n": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", "not valid JSON", False),  # too deep
+    (b'{"jobId": "a", "n": ' + b"9" * 5000 + b"}", "not valid JSON", False),    # over Python's 4,300 digits
     (json.dumps([1, 2]), "JSON object", False),
     (json.dumps(payload(jobId=None)), "no jobId", False),
     (json.dumps(payload(jobId="../../etc")), "jobId", False),
@@ -101,6 +103,7 @@ def test_oversize_payload_is_rejected_before_parsing():
 def test_job_id_of_is_best_effort():
     assert job_id_of(json.dumps(payload())) == payload()["jobId"]
     assert job_id_of(b"garbage") is None and job_id_of(b"[]") is None
+    assert job_id_of(b"[" * 100_000) is None and job_id_of(b'{"jobId": "a", "n": ' + b"9" * 5000 + b"}") is None
 
 
 def test_catalog_has_every_contract_job_type():

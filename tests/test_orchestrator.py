@@ -24,12 +24,13 @@ def cli(env, *args, timeout=180):
 
 
 @pytest.fixture
-def daemon(tmp_path, tiny_sdxl):
+def daemon(tmp_path, tiny_sdxl, tiny_wan):
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "EMBEDDED_REDIS_PORT": str(port),
            "JOB_TYPES_FILE": str(write_small_job_types(tmp_path, steps=3)),
            "MODELS_DIR": str(tmp_path / "models"), "SDXL_MODEL_PATH": str(tiny_sdxl.single_file),
-           "SDXL_CONFIG_PATH": str(tiny_sdxl.folder), "DEVICE": "cpu", "CLAIM_TIMEOUT": "0.5",
+           "SDXL_CONFIG_PATH": str(tiny_sdxl.folder), "WAN_MODEL_PATH": str(tiny_wan.t2v), "DEVICE": "cpu",
+           "CLAIM_TIMEOUT": "0.5",
            "STOP_GRACE": "10", "WATCH_TIMEOUT": "120"}
     for key in ("REDIS_URL", "UPSTASH_REDIS_REST_URL", "SUPABASE_URL", "SUPABASE_SERVICE_KEY"):
         env.pop(key, None)
@@ -73,7 +74,11 @@ def test_run_submit_watch_and_stop(daemon):
     assert status["status"] == "completed" and len(status["outputs"]) == 2
 
     video = cli(env, "submit", "video_fast", "waves", "--wait")
-    assert video.returncode == 1 and "not installed" in video.stdout
+    assert video.returncode == 0, video.stdout + video.stderr
+    assert " completed done step 3/3" in video.stdout.splitlines()[-3]
+    mp4, thumb = video.stdout.splitlines()[-2:]
+    assert mp4.endswith(".mp4") and thumb.endswith("_thumb.jpg") and Image.open(thumb).size == (64, 64)
+    assert os.path.getsize(mp4) > 0 and mp4.startswith(str(tmp_path / "data" / "storage" / "video_fast"))
 
     queues = json.loads(cli(env, "queues").stdout)
     by_name = {q.get("queue"): q for q in queues}

@@ -157,7 +157,7 @@ def test_storage_buckets_follow_the_catalog(supabase_db):
             public, size, mimes = rows[bucket]
             assert public == "f"
             assert int(size) == (20 if spec.quality == "fast" else 30) * 1024 * 1024, bucket
-            assert mimes == ("image/png" if spec.content == "image" else "video/mp4")
+            assert mimes == ("image/png" if spec.content == "image" else "video/mp4,image/jpeg")  # + thumbnails
 
 
 def test_storage_policy_user_reads_only_own_folder(supabase_db):

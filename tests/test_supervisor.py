@@ -187,6 +187,32 @@ def test_fatal_after_max_instant_crashes(tmp_path, caplog):
     assert h.state() is State.FATAL and len(h.procs) == 3
 
 
+def test_crashes_after_ready_back_off_but_are_never_fatal(tmp_path):
+    # Poison jobs kill the worker right after it is ready, max_attempts times per job; several in a
+    # row must not make the supervisor give up on the worker (the jobs behind them would be stuck).
+    h = Harness(tmp_path, max_instant_crashes=3, backoff_cap=8.0)
+    h.sup.start()
+    delays = []
+    for _ in range(6):
+        h.proc.ready()
+        h.sup.tick()
+        h.clock.advance(1)
+        h.crash_instantly(-9)
+        assert h.state() is State.BACKOFF
+        start = h.clock.now
+        while h.state() is State.BACKOFF:
+            h.clock.advance(0.5)
+            h.sup.tick()
+        delays.append(h.clock.now - start)
+    assert delays == [1, 2, 4, 8, 8, 8]
+    for _ in range(2):    # crashes before ready still count towards FATAL, from zero
+        h.crash_instantly()
+        h.clock.advance(100)
+        h.sup.tick()
+    h.crash_instantly()
+    assert h.state() is State.FATAL
+
+
 def test_exit_78_is_fatal_at_once(tmp_path, caplog):
     h = Harness(tmp_path)
     h.sup.start()

@@ -33,7 +33,8 @@ MB = 1024 * 1024
 # Bucket limits (CONTRACT.md, seed §4.1.2): private; 20 MB for "fast" types, 30 MB otherwise.
 FAST_BUCKET_BYTES = 20 * MB
 OTHER_BUCKET_BYTES = 30 * MB
-MIME = {"image": "image/png", "video": "video/mp4"}
+# Video buckets also hold each clip's first-frame thumbnail ({jobId}_thumb.jpg).
+MIME = {"image": ["image/png"], "video": ["video/mp4", "image/jpeg"]}
 
 
 def q(value: str) -> str:
@@ -49,8 +50,7 @@ def buckets(catalog: Catalog) -> dict[str, dict]:
         for bucket in spec.buckets:
             entry = out.setdefault(bucket, {"size": 0, "mimes": []})
             entry["size"] = max(entry["size"], size)
-            if MIME[spec.content] not in entry["mimes"]:
-                entry["mimes"].append(MIME[spec.content])
+            entry["mimes"] += [m for m in MIME[spec.content] if m not in entry["mimes"]]
     return out
 
 
@@ -128,6 +128,7 @@ def render_job_types_ts(catalog: Catalog) -> str:
         "inputImageMaxBytes": catalog.limits.input_image_max_bytes,
         "inputImageMaxPixels": catalog.limits.input_image_max_pixels,
         "payloadMaxBytes": catalog.limits.payload_max_bytes,
+        "maxReferenceImages": catalog.limits.max_reference_images,
     }
     queues = {name: {"queue": w.queue, "workerType": w.worker_type, "legacyQueues": w.legacy_queues}
               for name, w in catalog.workers.items()}
@@ -137,7 +138,7 @@ export interface JobTypeSpec {{
   queue: string;
   workerType: string;
   content: "image" | "video";
-  mode: "txt2img" | "img2img" | "txt2video";
+  mode: "txt2img" | "img2img" | "txt2video" | "img2video" | "ref2video";
   model: string;
   width: number;
   height: number;

@@ -7,6 +7,7 @@ them where job_types.yaml expects the real checkpoints. Outputs are noise: the w
     tiny = build_tiny_sdxl(tmp_dir)
     tiny.folder        # diffusers folder (save_pretrained): also the `config=` folder for single-file loads
     tiny.single_file   # original LDM/SGM-layout .safetensors, detected by diffusers as SDXL base
+    build_tiny_wan(folder, "t2v")   # tools/tiny_wan.py: Wan T2V, I2V ("i2v") or VACE ("vace") folders
 
 Shapes follow diffusers' own SDXL tests (UNet blocks 32/64, CLIP hidden 32), with two changes the
 single-file path needs: text_encoder_2 has its own hidden size (64), because diffusers tells the
@@ -132,12 +133,15 @@ def install_demo_models(models_dir: Path) -> None:
     from tools.small_catalog import write_small_job_types
     from workers.config import load_catalog
 
-    model = load_catalog().models["lustify_sdxl"]
+    catalog = load_catalog()
+    model = catalog.models["lustify_sdxl"]
     target = Path(models_dir) / model.path
     if not (Path(models_dir) / DEMO_JOB_TYPES).exists():
-        written = write_small_job_types(Path(models_dir) / ".catalog", width=256, height=256, steps=None, frames=None)
+        # 17-frame clips: a CPU renders the tiny Wan's videos in seconds too.
+        written = write_small_job_types(Path(models_dir) / ".catalog", width=256, height=256, steps=None, frames=17)
         written.rename(Path(models_dir) / DEMO_JOB_TYPES)
         written.parent.rmdir()
+    _install_tiny_wan(Path(models_dir), catalog)
     if target.exists():
         print(f"demo models already in {models_dir}")
         return
@@ -147,6 +151,18 @@ def install_demo_models(models_dir: Path) -> None:
     tiny.single_file.rename(target)
     shutil.rmtree(Path(models_dir) / ".build")
     print(f"tiny random-weight SDXL written to {target} (outputs are noise)")
+
+
+def _install_tiny_wan(models_dir: Path, catalog) -> None:
+    """A tiny Wan folder wherever job_types.yaml expects a Wan checkpoint (T2V, I2V, VACE)."""
+    from tools.tiny_wan import build_tiny_wan
+
+    kinds = {"wan": "t2v", "wan_i2v": "i2v", "wan_vace": "vace"}
+    for model in catalog.models.values():
+        target = models_dir / model.path
+        if model.family in kinds and not (target / "model_index.json").exists():
+            build_tiny_wan(target, kinds[model.family])
+            print(f"tiny random-weight Wan ({kinds[model.family]}) written to {target} (outputs are noise)")
 
 
 if __name__ == "__main__":

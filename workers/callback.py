@@ -142,6 +142,9 @@ class LocalStatusSink:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError):
             record = {}
+        if record.get("status") in ("completed", "failed") and (
+                body.get("status") == "processing" or all(record.get(k) == v for k, v in body.items())):
+            return  # a late progress report, or the outbox resending after a crash: nothing changes
         history = record.pop("history", [])
         if body.get("status") != "failed":
             record.pop("errorMessage", None)  # a later success must not carry an old failure

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Annotated, Literal, Mapping
 from urllib.parse import urlparse
 
 import yaml
@@ -35,6 +35,7 @@ class Limits(_Strict):
     input_image_max_bytes: int = Field(gt=0)
     input_image_max_pixels: int = Field(gt=0)
     payload_max_bytes: int = Field(gt=0)
+    max_reference_images: int = Field(default=3, ge=1, le=8)  # reference-to-video inputs per job
 
 
 class Defaults(_Strict):
@@ -47,19 +48,35 @@ class WorkerSpec(_Strict):
     legacy_queues: list[str] = []
 
 
+class OptimizeSpec(_Strict):
+    """GPU speed-ups that keep the numerics (workers/pipelines/accel.py); ignored on the CPU."""
+    channels_last: bool = True
+    fuse_qkv: bool = True
+    compile: Literal["none", "blocks", "unet"] = "blocks"
+    cuda_graphs: bool = True
+    cudnn_benchmark: bool = True
+    # batch sizes warmed up (compiled, captured) at load, at each warm-up size; None: 1 and each job
+    # type's default_images. Other shapes run the eager UNet (no CUDA graph, no compile in a job).
+    warmup_images: list[Annotated[int, Field(ge=1, le=64)]] | None = None
+    # sizes ("WIDTHxHEIGHT") warmed up; None: every size of the model's job types
+    warmup_sizes: list[Annotated[str, Field(pattern=r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$")]] | None = None
+
+
 class ModelSpec(_Strict):
-    family: Literal["sdxl", "wan"]
+    # wan: text-to-video and one-frame images; wan_i2v: image-to-video; wan_vace: reference-to-video
+    family: Literal["sdxl", "wan", "wan_i2v", "wan_vace"]
     path: str
     env: str | None = None
     config_path: str | None = None
     config_env: str | None = None
+    optimize: OptimizeSpec = OptimizeSpec()
 
 
 class JobTypeSpec(_Strict):
     name: str = ""  # filled from the mapping key
     worker: str
     content: Literal["image", "video"]
-    mode: Literal["txt2img", "img2img", "txt2video"]
+    mode: Literal["txt2img", "img2img", "txt2video", "img2video", "ref2video"]
     model: str
     width: int = Field(ge=64, le=4096, multiple_of=8)
     height: int = Field(ge=64, le=4096, multiple_of=8)
@@ -167,6 +184,13 @@ def _env_float(env: Mapping[str, str], key: str, default: float) -> float:
         raise ConfigError(f"{key}={value!r} is not a number") from exc
 
 
+def _positive_or_none(env: Mapping[str, str], key: str) -> float | None:
+    value = _env_float(env, key, 0.0)
+    if value < 0:
+        raise ConfigError(f"{key}={value:g} must be positive (or unset)")
+    return value or None
+
+
 def upstash_redis_url(rest_url: str, token: str) -> str:
     """Upstash serves the Redis protocol over TLS on the REST URL's host; the token is the password."""
     host = urlparse(rest_url).hostname
@@ -195,6 +219,10 @@ class Settings:
     allow_unpinned_stack: bool
     job_types_file: Path
     model_overrides: dict[str, str] = field(default_factory=dict)
+    optimize: bool = True           # OPTIMIZE=0: no compile, CUDA graphs or layout changes on the GPU
+    video_vram_budget_gib: float | None = None  # GPU memory the video worker may use; None: no cap
+    health_host: str = "127.0.0.1"  # the orchestrator's /health and /metrics (workers/metrics.py)
+    health_port: int = 9464         # 0: no endpoint
 
     @property
     def local_mode(self) -> bool:
@@ -240,6 +268,10 @@ class Settings:
             allow_unpinned_stack=env.get("ALLOW_UNPINNED_STACK", "") in ("1", "true", "yes"),
             job_types_file=Path(env.get("JOB_TYPES_FILE") or DEFAULT_JOB_TYPES_FILE),
             model_overrides=overrides,
+            optimize=env.get("OPTIMIZE", "1").lower() not in ("0", "false", "no", "off"),
+            video_vram_budget_gib=_positive_or_none(env, "VIDEO_VRAM_BUDGET_GIB"),
+            health_host=env.get("HEALTH_HOST") or "127.0.0.1",
+            health_port=int(_env_float(env, "HEALTH_PORT", 9464)),
         )
 
     def _resolve(self, relative: str, env_key: str | None) -> Path:

@@ -35,7 +35,8 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
         options = LoadOptions(model_path=settings.model_path(model), config_path=settings.model_config_path(model),
                               device=device, cache_dir=settings.data_dir / "converted")
         try:
-            families[key] = family_class.load(options, limits=ImageLimits.from_catalog(catalog.limits))
+            extra = {"accel": family_class.acceleration_for(catalog, key, settings)} if device == "cuda" else {}
+            families[key] = family_class.load(options, limits=ImageLimits.from_catalog(catalog.limits), **extra)
         except ModelUnavailable as exc:
             errors[key] = str(exc)
     return families, errors

@@ -45,6 +45,9 @@ class Job:
     strength: float | None
     init_image: str | None          # img2img source: https URL or data: URI (decoded by the pipeline)
     payload: dict[str, Any]         # the original payload, for the callback and debugging
+    frames: int | None = None       # frames per output (1 for Wan images); None for SDXL
+    fps: int | None = None          # video job types
+    reference_images: tuple[str, ...] = ()  # image-to-video (one) and reference-to-video (1..limit) sources
 
     @property
     def queue_worker(self) -> str:
@@ -86,8 +89,8 @@ def decode_payload(raw: bytes | str, max_bytes: int) -> dict:
         raise JobRejected(f"payload is {len(raw)} bytes, over the {max_bytes}-byte limit")
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobRejected(f"payload is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:   # also: nesting too deep, integers over 4,300 digits
+        raise JobRejected(f"payload is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(payload, dict):
         raise JobRejected(f"payload must be a JSON object, got {type(payload).__name__}")
     return payload
@@ -168,6 +171,13 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
             raise JobRejected(f"strength must be a number in (0, 1], got {str(raw_strength)[:40]!r}", job_id, user_id)
         strength = float(strength)
 
+    frames = spec.frames
+    if spec.content == "video":
+        requested = _pick(payload, meta, "numFrames", "num_frames")
+        if requested is not None:   # shorter clips only: the job type's length bounds time and timeout
+            frames = _as_int(requested, "number of frames", 1, spec.frames, job_id)
+    references = _reference_images(spec, payload, meta, limits.max_reference_images, job_id, user_id)
+
     return Job(
         job_id=job_id,
         job_type=job_type,
@@ -185,13 +195,46 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         strength=strength,
         init_image=init_image,
         payload=payload,
+        frames=frames,
+        fps=spec.fps,
+        reference_images=references,
     )
+
+
+def _image_source(value: Any, what: str, job_id: str, user_id: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise JobRejected(f"{what} must be an https URL or a data:image/... URI", job_id, user_id)
+    if not (value.startswith("data:image/") or value.startswith(("https://", "http://"))):
+        raise JobRejected(f"{what} must be an http(s) URL or a data:image/... URI", job_id, user_id)
+    return value
+
+
+def _reference_images(spec: JobTypeSpec, payload: dict, meta: dict, limit: int, job_id: str,
+                      user_id: str) -> tuple[str, ...]:
+    """img2video: one referenceImage (initImage and imageUrl as well); ref2video: referenceImages, 1..limit."""
+    if spec.mode == "img2video":
+        value = _pick(payload, meta, "referenceImage", "reference_image", "initImage", "init_image", "imageUrl", "image")
+        if value is None:
+            raise JobRejected(f"{spec.name} needs a reference image (referenceImage: an https URL or a data: URI)",
+                              job_id, user_id)
+        return (_image_source(value, "referenceImage", job_id, user_id),)
+    if spec.mode != "ref2video":
+        return ()
+    values = _pick(payload, meta, "referenceImages", "reference_images")
+    if values is None:
+        single = _pick(payload, meta, "referenceImage", "reference_image")
+        values = None if single is None else [single]
+    if not isinstance(values, list) or not 1 <= len(values) <= limit:
+        got = f"{len(values)}" if isinstance(values, list) else "none" if values is None else type(values).__name__
+        raise JobRejected(f"{spec.name} needs 1 to {limit} reference images (referenceImages: a list of https URLs "
+                          f"or data: URIs), got {got}", job_id, user_id)
+    return tuple(_image_source(v, f"referenceImages[{i}]", job_id, user_id) for i, v in enumerate(values))
 
 
 def job_id_of(raw: bytes | str) -> str | None:
     """Best-effort jobId of a raw payload (for bookkeeping before parsing succeeds)."""
     try:
         value = json.loads(raw).get("jobId")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, RecursionError):   # ValueError covers bad UTF-8 and huge integers
         return None
     return value if isinstance(value, str) and SAFE_SEGMENT.match(value) else None

@@ -12,10 +12,16 @@ import io
 import ipaddress
 import os
 import socket
+import subprocess
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 from urllib.parse import urljoin, urlsplit
 
+import numpy as np
 import requests
 import urllib3
 from PIL import Image, ImageOps
@@ -46,6 +52,17 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1, optimize=False, icc_profile=None)
     return buffer.getvalue()
+
+
+# PIL releases the GIL while it compresses, so threads encode several images at the same time.
+_PNG_THREADS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="png")
+
+
+def encode_pngs(images: list[Image.Image]) -> list[bytes]:
+    """encode_png of each image, in order, encoded in parallel (same bytes as one by one)."""
+    if len(images) <= 1:
+        return [encode_png(image) for image in images]
+    return list(_PNG_THREADS.map(encode_png, images))
 
 
 def _decode_data_uri(source: str, max_bytes: int) -> bytes:
@@ -161,3 +178,73 @@ def load_input_image(source: str, max_bytes: int, max_pixels: int, timeout: floa
     else:
         raise ValueError("init image must be an http(s) URL or a data:image/...;base64 URI")
     return decode_image(data, max_pixels)
+
+
+def load_labelled_image(source: str, limits: ImageLimits, what: str) -> Image.Image:
+    """`load_input_image` for an input that is not an init image: the messages name it `what`."""
+    try:
+        return load_input_image(source, limits.max_bytes, limits.max_pixels, limits.timeout)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("init image", what)) from None
+
+
+# --- video outputs --------------------------------------------------------------------------------
+MP4_CRF = 18            # visually lossless for generated footage; ~1-3 MB for 5 s at 832x480
+MP4_PRESET = "veryfast"  # encoding stays well under a second per clip; slower presets gain ~10% size
+FFMPEG_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """A generated clip: frames as uint8 RGB arrays (H, W, 3), all the same size, played at `fps`."""
+
+    frames: Sequence[np.ndarray]
+    fps: int
+
+
+def ffmpeg_binary() -> str:
+    """The ffmpeg of the imageio-ffmpeg wheel (pinned in the lock, ships libx264); IMAGEIO_FFMPEG_EXE
+    overrides it."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def encode_mp4(frames: Sequence, fps: int) -> bytes:
+    """Frames → H.264 MP4 that browsers play: yuv420p, even dimensions, `+faststart` (the index
+    before the data, so playback starts before the download ends). Raises ValueError for bad frames
+    and RuntimeError when ffmpeg fails."""
+    arrays = [np.ascontiguousarray(np.asarray(frame, dtype=np.uint8)) for frame in frames]
+    if not arrays:
+        raise ValueError("a video needs at least one frame")
+    shape = arrays[0].shape
+    if len(shape) != 3 or shape[2] != 3 or any(a.shape != shape for a in arrays):
+        raise ValueError(f"video frames must all be RGB arrays of one size, got {shape} first")
+    if not 1 <= fps <= 120:
+        raise ValueError(f"fps {fps} must be between 1 and 120")
+    height, width = shape[:2]
+    with tempfile.TemporaryDirectory(prefix="mp4-") as folder:
+        # +faststart rewrites the finished file, so ffmpeg needs a seekable output, not a pipe.
+        target = Path(folder) / "clip.mp4"
+        command = [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+                   "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
+                   "-an", "-c:v", "libx264", "-preset", MP4_PRESET, "-crf", str(MP4_CRF), "-pix_fmt", "yuv420p",
+                   "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-movflags", "+faststart", str(target)]
+        try:
+            result = subprocess.run(command, input=b"".join(a.tobytes() for a in arrays), capture_output=True,
+                                    timeout=FFMPEG_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"ffmpeg could not encode the video: {exc}") from None
+        if result.returncode != 0 or not target.is_file():
+            detail = result.stderr.decode(errors="replace").strip()[-500:]
+            raise RuntimeError(f"ffmpeg could not encode the video (exit {result.returncode}): {detail}")
+        return target.read_bytes()
+
+
+def encode_jpeg(image, quality: int = 90) -> bytes:
+    """A PIL image or uint8 RGB array → JPEG bytes (the video thumbnail: the clip's first frame)."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -18,15 +18,18 @@ import redis
 
 from storage import Storage
 from storage.base import StorageError, object_name
-from workers import media
+from workers import faults, media
 from workers.callback import CallbackOutbox, completed_body, failed_body, processing_body
 from workers.config import Catalog, Settings
 from workers.job import Job, JobRejected, parse_job
+from workers.metrics import count_job, job_type_label
 from workers.pipelines.base import GenerationOutOfMemory, ModelUnavailable
 from workers.queue import Claim, JobRecords, ReliableQueue
 
 log = logging.getLogger("workers.runner")
 PROGRESS_INTERVAL = 0.25  # seconds between progress writes; the last step is always written
+OOM_RESTART_AFTER = 3     # consecutive out-of-memory failures after which the worker exits to be restarted
+EX_TEMPFAIL = 75          # the worker's exit code then (sysexits.h): a fresh process may succeed
 
 
 class JobTimedOut(Exception):
@@ -62,6 +65,8 @@ class Runner:
         self.stop = StopFlags()
         self.current_job: str | None = None
         self._last_maintenance = 0.0
+        self.oom_streak = 0
+        self.exit_code = 0                # what the worker process exits with once serve() returns
 
     # --- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -94,6 +99,9 @@ class Runner:
             job = parse_job(claim.raw, self.catalog)
         except JobRejected as exc:
             return self._reject(claim, exc)
+        except Exception as exc:  # a parser bug: crashing would retry this payload forever (no jobId, no attempts)
+            log.exception("could not read a payload")
+            return self._reject(claim, JobRejected(f"internal error reading the payload: {type(exc).__name__}", claim.job_id))
         self.current_job = job.job_id
         try:
             self._run(claim, job)
@@ -105,6 +113,7 @@ class Runner:
             self._fail(claim, job.job_id, str(exc))
         except GenerationOutOfMemory as exc:
             self._fail(claim, job.job_id, str(exc))
+            self._out_of_memory()
         except JobTimedOut:
             self._fail(claim, job.job_id, f"timed out after {job.spec.timeout_seconds:.0f}s")
         except JobInterrupted:
@@ -137,16 +146,19 @@ class Runner:
 
         deadline = started + job.spec.timeout_seconds
         self.records.update(job.job_id, phase="generating")
-        images = family.generate(job, self._progress(job, deadline))
+        output = family.generate(job, self._progress(job, deadline))
 
-        self.records.update(job.job_id, phase="uploading")
-        paths = self._store(job, images)
-        body = completed_body(job.job_id, paths, job.spec.content)
+        paths = self._store(job, output)
+        body = completed_body(job.job_id, paths, job.spec.content)   # video: filePath is the MP4
+        if job.spec.content == "video":
+            body["thumbnailPath"] = paths[1]
         body["seeds"] = list(job.seeds)
         self.outbox.send_terminal(job.job_id, body, same_transaction=lambda pipe: self.records.update(
             job.job_id, pipe=pipe, status="completed", phase="done", outputs=paths, seeds=list(job.seeds),
             bucket=job.bucket, completed_at=self.clock(), seconds=round(self.clock() - started, 3)))
         self.queue.ack(claim)
+        count_job(self.queue.r, job.job_type, "completed")
+        self.oom_streak = 0
         log.info("job %s completed: %d output(s) in %.2fs", job.job_id, len(paths), self.clock() - started)
 
     def _family_for(self, job: Job):
@@ -161,6 +173,7 @@ class Runner:
 
         def on_step(step: int, total: int) -> None:
             nonlocal last_write
+            faults.during_generation(job.payload)   # no-op unless FAULT_INJECTION is on (tests)
             now = self.clock()
             if self.stop.now.is_set():
                 raise JobInterrupted()
@@ -169,16 +182,32 @@ class Runner:
             if step == total or now - last_write >= PROGRESS_INTERVAL:
                 last_write = now
                 self.records.update(job.job_id, step=step, steps=total, progress=round(step / total, 3))
+
+        def phase(name: str) -> None:
+            self.records.update(job.job_id, phase=name)
+
+        on_step.phase = phase   # families with several stages record them ("encoding prompt", "decoding")
         return on_step
 
-    def _store(self, job: Job, images: list) -> list[str]:
-        # Object names depend only on (job, index): a second run overwrites, never duplicates.
+    def _store(self, job: Job, output) -> list[str]:
+        # Object names depend only on the job (and index): a second run overwrites, never duplicates.
+        if job.spec.content == "video":
+            return self._store_video(job, output)
+        self.records.update(job.job_id, phase="uploading")
+        images = output
         paths = []
-        for index, image in enumerate(images):
-            data = media.encode_png(image)
+        for index, data in enumerate(media.encode_pngs(images)):  # encoded in parallel threads
             name = object_name(job.job_id, index, "png")
             paths.append(self.storage.upload(job.bucket, job.user_id, name, data, job.spec.content_type))
         return paths
+
+    def _store_video(self, job: Job, clip: media.VideoClip) -> list[str]:
+        """`{jobId}.mp4` (H.264) and `{jobId}_thumb.jpg` (its first frame), in that order."""
+        self.records.update(job.job_id, phase="encoding video")
+        video, thumbnail = media.encode_mp4(clip.frames, clip.fps), media.encode_jpeg(clip.frames[0])
+        self.records.update(job.job_id, phase="uploading")
+        return [self.storage.upload(job.bucket, job.user_id, f"{job.job_id}.mp4", video, job.spec.content_type),
+                self.storage.upload(job.bucket, job.user_id, f"{job.job_id}_thumb.jpg", thumbnail, "image/jpeg")]
 
     # --- failure branches -----------------------------------------------------------------
     def _reject(self, claim: Claim, exc: JobRejected) -> None:
@@ -192,12 +221,23 @@ class Runner:
         self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=lambda pipe: self.records.update(
             job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
         self.queue.ack(claim)
+        count_job(self.queue.r, job_type_label(claim.raw, self.catalog), "failed")
 
     def _give_up(self, claim: Claim, job_id: str, tried: int) -> None:
         message = f"gave up after {tried} attempt(s): the worker stopped while running this job each time"
         self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=lambda pipe: self.records.update(
             job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
         self.queue.dead_letter(claim, message)
+        count_job(self.queue.r, job_type_label(claim.raw, self.catalog), "failed")
+
+    def _out_of_memory(self) -> None:
+        # Freed caches normally let the next job run; OOM after OOM means the device stays wedged
+        # (fragmentation, a leak): exit, and the supervisor starts a fresh process.
+        self.oom_streak += 1
+        if self.oom_streak >= OOM_RESTART_AFTER:
+            log.error("%d out-of-memory failures in a row: exiting so that a fresh process takes over", self.oom_streak)
+            self.exit_code = EX_TEMPFAIL
+            self.stop.graceful.set()
 
     def _storage_failed(self, claim: Claim, job: Job, exc: StorageError) -> None:
         if exc.retryable and claim.attempts < job.spec.max_attempts:

@@ -5,7 +5,9 @@ Life of a child:
     RUNNING   the ready file exists.
     BACKOFF   it exited; restarts at now + min(backoff_cap, backoff_base * 2**(n-1)),
               n = consecutive instant crashes (1 after a crash that follows a healthy run).
-    FATAL     given up: `max_instant_crashes` consecutive instant crashes, or exit code 78.
+    FATAL     given up: `max_instant_crashes` consecutive crashes before becoming RUNNING, or exit
+              code 78. A child that dies after reporting ready (a poison job, a kill -9) is always
+              restarted after the BACKOFF delay: the queue's max_attempts already bounds each job.
     STOPPING / STOPPED  during and after `stop()`.
 
 An "instant crash" is an exit before RUNNING, within `startsecs` of becoming RUNNING, or a
@@ -84,6 +86,7 @@ class _Child:
     spawns: int = 0
     last_exit: int | None = None
     instant_crashes: int = 0
+    unready_crashes: int = 0        # consecutive exits before RUNNING: these alone lead to FATAL
     restart_at: float = 0.0
 
 
@@ -276,9 +279,10 @@ class Supervisor:
             self._set(child, State.FATAL, now)
             return
         child.instant_crashes = child.instant_crashes + 1 if instant else 0
-        if child.instant_crashes >= self.max_instant_crashes:
-            self.log.error("%s crashed %d times in a row right after start (last exit code %s): FATAL, "
-                           "giving up", name, child.instant_crashes, code)
+        child.unready_crashes = child.unready_crashes + 1 if child.running_at is None else 0
+        if child.unready_crashes >= self.max_instant_crashes:
+            self.log.error("%s crashed %d times in a row before it was ready (last exit code %s): FATAL, "
+                           "giving up", name, child.unready_crashes, code)
             self._set(child, State.FATAL, now)
             return
         n = max(child.instant_crashes, 1)

@@ -15,6 +15,7 @@ from typing import Callable
 import redis
 
 from storage import make_storage
+from workers import faults
 from workers.callback import CallbackOutbox, make_callback_sink
 from workers.config import Catalog, ConfigError, Settings, load_catalog
 from workers.queue import JobRecords, ReliableQueue, connect, default_worker_id
@@ -38,6 +39,7 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
     try:
         settings = Settings.from_env()
         catalog = load_catalog(settings.job_types_file)
+        faults.configure()
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
@@ -70,7 +72,7 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
         except redis.RedisError as exc:
             log.warning("could not deregister (%s); the reaper will clean up", exc)
     log.info("%s worker stopped", name)
-    return 0
+    return runner.exit_code
 
 
 def _start_heartbeat(queue: ReliableQueue, runner: Runner, models: dict) -> threading.Event:

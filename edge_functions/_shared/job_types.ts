@@ -4,7 +4,7 @@ export interface JobTypeSpec {
   queue: string;
   workerType: string;
   content: "image" | "video";
-  mode: "txt2img" | "img2img" | "txt2video";
+  mode: "txt2img" | "img2img" | "txt2video" | "img2video" | "ref2video";
   model: string;
   width: number;
   height: number;
@@ -29,7 +29,8 @@ export const LIMITS = {
   "maxImagesPerJob": 8,
   "inputImageMaxBytes": 20000000,
   "inputImageMaxPixels": 16777216,
-  "payloadMaxBytes": 32000000
+  "payloadMaxBytes": 32000000,
+  "maxReferenceImages": 3
 } as const;
 
 export const WORKERS: Record<string, { queue: string; workerType: string; legacyQueues: string[] }> = {
@@ -250,5 +251,80 @@ export const JOB_TYPES: Record<string, JobTypeSpec> = {
     "maxAttempts": 2,
     "fallback": null,
     "phase": 1
+  },
+  "video_i2v_fast": {
+    "name": "video_i2v_fast",
+    "queue": "wan_queue",
+    "workerType": "WAN",
+    "content": "video",
+    "mode": "img2video",
+    "model": "wan_2_1_i2v_14b_480p",
+    "width": 832,
+    "height": 480,
+    "steps": 20,
+    "guidance": 5.0,
+    "strength": null,
+    "frames": 81,
+    "fps": 16,
+    "defaultImages": 1,
+    "maxImages": 1,
+    "buckets": [
+      "video_fast"
+    ],
+    "quality": "fast",
+    "expectedSeconds": 300.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 2
+  },
+  "video_i2v_high": {
+    "name": "video_i2v_high",
+    "queue": "wan_queue",
+    "workerType": "WAN",
+    "content": "video",
+    "mode": "img2video",
+    "model": "wan_2_1_i2v_14b_480p",
+    "width": 832,
+    "height": 480,
+    "steps": 40,
+    "guidance": 5.0,
+    "strength": null,
+    "frames": 81,
+    "fps": 16,
+    "defaultImages": 1,
+    "maxImages": 1,
+    "buckets": [
+      "video_high"
+    ],
+    "quality": "high",
+    "expectedSeconds": 560.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 2
+  },
+  "video_r2v": {
+    "name": "video_r2v",
+    "queue": "wan_queue",
+    "workerType": "WAN",
+    "content": "video",
+    "mode": "ref2video",
+    "model": "wan_2_1_vace_1_3b",
+    "width": 832,
+    "height": 480,
+    "steps": 30,
+    "guidance": 5.0,
+    "strength": null,
+    "frames": 81,
+    "fps": 16,
+    "defaultImages": 1,
+    "maxImages": 1,
+    "buckets": [
+      "video_high"
+    ],
+    "quality": "high",
+    "expectedSeconds": 240.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 2
   }
 };

@@ -79,6 +79,7 @@ export function buildJob(body: Body, userId: string) {
   if (seed !== undefined) integer(seed, "seed", 0, MAX_SEED - numImages);
 
   const initImage = pick(body, meta, "initImage", "init_image", "imageUrl");
+  let references: Body = {};
   const strength = pick(body, meta, "strength");
   if (spec.mode === "img2img") {
     if (typeof initImage !== "string" || !initImage) throw new BadRequest(`${jobType} needs initImage (an https URL or a data:image/... base64 URI)`);
@@ -86,8 +87,18 @@ export function buildJob(body: Body, userId: string) {
     if (strength !== undefined && (typeof strength !== "number" || !(strength > 0 && strength <= 1))) {
       throw new BadRequest("strength must be a number in (0, 1]");
     }
+  } else if (spec.mode === "img2video" || spec.mode === "ref2video") {
+    references = checkReferences(jobType, spec.mode, body, meta, initImage, strength);
   } else if (initImage !== undefined || strength !== undefined) {
     throw new BadRequest(`${jobType} takes no initImage or strength`);
+  }
+  const numFrames = pick(body, meta, "numFrames", "num_frames");
+  if (numFrames !== undefined) {
+    if (spec.content !== "video" || spec.frames === null) throw new BadRequest(`${jobType} takes no numFrames`);
+    integer(numFrames, "numFrames", 5, spec.frames);
+    if (((numFrames as number) - 1) % 4 !== 0) {
+      throw new BadRequest(`numFrames must be 4k+1 (5, 9, ..., ${spec.frames}) for Wan, got ${numFrames}`);
+    }
   }
 
   const imageId = optionalUuid(body.imageId, "imageId");
@@ -100,6 +111,8 @@ export function buildJob(body: Body, userId: string) {
   if (negativePrompt !== undefined) extras.negativePrompt = negativePrompt;
   if (initImage !== undefined) extras.initImage = initImage;
   if (strength !== undefined) extras.strength = strength;
+  if (numFrames !== undefined) extras.numFrames = numFrames;
+  Object.assign(extras, references);
   const payload = {
     jobType, userId, prompt, imageId, videoId,
     format: spec.content, quality: spec.quality, modelType: jobType, modelVariant: spec.model,
@@ -108,19 +121,47 @@ export function buildJob(body: Body, userId: string) {
   return { spec, prompt, payload, projectId };
 }
 
-function checkImageInput(value: string): void {
+function checkImageInput(value: string, what = "initImage"): void {
   if (value.startsWith("https://") || value.startsWith("http://")) {
     try {
       new URL(value);
     } catch {
-      throw new BadRequest("initImage is not a valid URL");
+      throw new BadRequest(`${what} is not a valid URL`);
     }
     return;
   }
   const match = DATA_IMAGE.exec(value);
-  if (!match) throw new BadRequest("initImage must be an http(s) URL or a data:image/(png|jpeg|webp);base64 URI");
+  if (!match) throw new BadRequest(`${what} must be an http(s) URL or a data:image/(png|jpeg|webp);base64 URI`);
   const decoded = Math.floor(match[2].length * 3 / 4) - (match[2].endsWith("==") ? 2 : match[2].endsWith("=") ? 1 : 0);
-  if (decoded > LIMITS.inputImageMaxBytes) throw new BadRequest(`initImage is ${decoded} bytes, over the ${LIMITS.inputImageMaxBytes}-byte limit`);
+  if (decoded > LIMITS.inputImageMaxBytes) throw new BadRequest(`${what} is ${decoded} bytes, over the ${LIMITS.inputImageMaxBytes}-byte limit`);
+}
+
+/** Image-to-video: one referenceImage (initImage passes through as its alias). Reference-to-video:
+ * referenceImages, 1 to LIMITS.maxReferenceImages (a single referenceImage is a list of one). */
+function checkReferences(jobType: string, mode: string, body: Body, meta: Body, initImage: unknown, strength: unknown): Body {
+  const single = pick(body, meta, "referenceImage", "reference_image");
+  const list = pick(body, meta, "referenceImages", "reference_images");
+  if (strength !== undefined) throw new BadRequest(`${jobType} takes no strength`);
+  if (mode === "img2video") {
+    if (list !== undefined) throw new BadRequest(`${jobType} takes one referenceImage, not referenceImages`);
+    const image = single ?? initImage;
+    if (typeof image !== "string" || !image) {
+      throw new BadRequest(`${jobType} needs referenceImage (an https URL or a data:image/... base64 URI)`);
+    }
+    checkImageInput(image, "referenceImage");
+    return single === undefined ? {} : { referenceImage: image };
+  }
+  if (initImage !== undefined) throw new BadRequest(`${jobType} takes referenceImages, not initImage`);
+  const images = list ?? (single === undefined ? undefined : [single]);
+  const max = LIMITS.maxReferenceImages;
+  if (!Array.isArray(images) || images.length < 1 || images.length > max) {
+    throw new BadRequest(`${jobType} needs 1 to ${max} referenceImages (https URLs or data:image/... base64 URIs)`);
+  }
+  images.forEach((image, i) => {
+    if (typeof image !== "string" || !image) throw new BadRequest(`referenceImages[${i}] must be a string`);
+    checkImageInput(image, `referenceImages[${i}]`);
+  });
+  return { referenceImages: images };
 }
 
 export function createQueueJobHandler(deps: QueueJobDeps): (req: Request) => Promise<Response> {

@@ -62,6 +62,8 @@ test("every job type goes to its queue; positions count per queue", async () => 
   for (const [name, spec] of Object.entries(JOB_TYPES)) {
     const body: Record<string, unknown> = { jobType: name, prompt: "a cat" };
     if (spec.mode === "img2img") Object.assign(body, { initImage: PNG_1PX, strength: 0.5 });
+    if (spec.mode === "img2video") Object.assign(body, { referenceImage: PNG_1PX });
+    if (spec.mode === "ref2video") Object.assign(body, { referenceImages: [PNG_1PX, PNG_1PX] });
     const res = await call(body, token);
     assertStrictEquals(res.status, 200, `${name}: ${JSON.stringify(res.body)}`);
     seen[spec.queue] = (seen[spec.queue] ?? 0) + 1;
@@ -86,6 +88,26 @@ test("numImages, bucket and img2img inputs are passed on", async () => {
   assertStrictEquals(res.status, 200);
   [payload] = await listItems("sdxl_queue");
   assertEquals([payload.initImage, payload.strength], ["https://example.test/a.png", 0.3]);
+});
+
+test("image-to-video, reference-to-video and numFrames inputs are passed on", async () => {
+  await reset();
+  const token = await userToken(await createUser());
+  let res = await call({ jobType: "video_i2v_fast", prompt: "x", referenceImage: PNG_1PX, numFrames: 49 }, token);
+  assertStrictEquals(res.status, 200, JSON.stringify(res.body));
+  let [payload] = await listItems("wan_queue");
+  assertEquals([payload.referenceImage, payload.numFrames, payload.initImage], [PNG_1PX, 49, undefined]);
+  res = await call({ jobType: "video_i2v_high", prompt: "x", initImage: "https://example.test/a.png" }, token);
+  assertStrictEquals(res.status, 200, JSON.stringify(res.body));
+  [payload] = await listItems("wan_queue");
+  assertEquals([payload.initImage, payload.referenceImage], ["https://example.test/a.png", undefined]);
+  res = await call({ jobType: "video_r2v", prompt: "x", metadata: { referenceImages: [PNG_1PX, "https://example.test/b.png"] } }, token);
+  assertStrictEquals(res.status, 200, JSON.stringify(res.body));
+  [payload] = await listItems("wan_queue");
+  assertEquals(payload.referenceImages, [PNG_1PX, "https://example.test/b.png"]);
+  res = await call({ jobType: "video_r2v", prompt: "x", referenceImage: PNG_1PX }, token);
+  [payload] = await listItems("wan_queue");
+  assertEquals([res.status, payload.referenceImages], [200, [PNG_1PX]]);
 });
 
 test("authentication failures are 401 and change nothing", async () => {
@@ -158,6 +180,18 @@ test("bad inputs are 400 with a JSON error and change nothing", async () => {
     [{ jobType: "sdxl_img2img", prompt: "x", initImage: PNG_1PX, strength: 1.5 }, "strength"],
     [{ jobType: "sdxl_image_fast", prompt: "x", initImage: PNG_1PX }, "takes no initImage"],
     [{ jobType: "sdxl_image_fast", prompt: "x", imageId: "nope" }, "imageId must be a UUID"],
+    [{ jobType: "video_i2v_fast", prompt: "x" }, "needs referenceImage"],
+    [{ jobType: "video_i2v_fast", prompt: "x", referenceImage: "ftp://x/y.png" }, "referenceImage must be an http(s) URL"],
+    [{ jobType: "video_i2v_fast", prompt: "x", referenceImage: PNG_1PX, strength: 0.5 }, "takes no strength"],
+    [{ jobType: "video_r2v", prompt: "x" }, "needs 1 to 3 referenceImages"],
+    [{ jobType: "video_r2v", prompt: "x", referenceImages: [] }, "needs 1 to 3 referenceImages"],
+    [{ jobType: "video_r2v", prompt: "x", referenceImages: [PNG_1PX, PNG_1PX, PNG_1PX, PNG_1PX] }, "needs 1 to 3"],
+    [{ jobType: "video_r2v", prompt: "x", referenceImages: [PNG_1PX, "data:image/gif;base64,R0lGOD=="] }, "referenceImages[1]"],
+    [{ jobType: "video_r2v", prompt: "x", initImage: PNG_1PX }, "not initImage"],
+    [{ jobType: "video_fast", prompt: "x", numFrames: 6 }, "4k+1"],
+    [{ jobType: "video_fast", prompt: "x", numFrames: 85 }, "numFrames must be between 5 and 81"],
+    [{ jobType: "image_fast", prompt: "x", numFrames: 5 }, "takes no numFrames"],
+    [{ jobType: "image_fast", prompt: "x", referenceImage: PNG_1PX, initImage: PNG_1PX }, "takes no initImage"],
   ];
   for (const [body, error] of cases) {
     const res = await call(body, token);

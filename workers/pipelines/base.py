@@ -2,7 +2,8 @@
 
     family = SDXLFamily.load(model_spec, paths, device)   # once, at worker start; slow
     family.check(job)                                    # ValueError naming the bad value, no GPU work
-    images = family.generate(job, on_step)               # list of PIL images, one per job.seeds entry
+    images = family.generate(job, on_step)               # image jobs: list of PIL images, one per job.seeds entry
+                                                         # video jobs: a workers.media.VideoClip
 
 Nothing here knows about Redis, storage or callbacks. Errors the runner must tell apart are the
 exception classes below.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 # on_step(step_done, total_steps); it may raise to abort generation (deadline, shutdown).
+# The runner's on_step also has `.phase(name)`, which records a phase ("encoding prompt", "decoding").
 StepCallback = Callable[[int, int], None]
 
 
@@ -31,6 +33,7 @@ class LoadOptions:
     config_path: Path | None      # folder of component configs/tokenizers for single-file loads
     device: str                   # "cpu" or "cuda"
     cache_dir: Path | None        # where a converted single-file checkpoint is kept as a diffusers folder
+    vram_budget_bytes: int | None = None  # GPU memory this worker may use (enforced on CUDA); None: no cap
 
 
 class ModelFamily(Protocol):

@@ -6,16 +6,21 @@
 
 A single `.safetensors` file (original LDM layout) is converted by diffusers at every
 `from_single_file` load; the converted pipeline is therefore kept once as a diffusers folder under
-`cache_dir` and later cold starts read that instead. Importing this module touches no GPU.
+`cache_dir` and later cold starts read that instead. On CUDA, `accel` (workers/pipelines/accel.py:
+channels_last, fused QKV, torch.compile, CUDA graphs) is applied and warmed up inside `load`, before
+the worker reports ready; on the CPU it is ignored. Importing this module touches no GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import hashlib
 import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import diffusers
@@ -24,6 +29,8 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from PIL import Image
 
 from workers.media import ImageLimits, load_input_image
+from workers.pipelines import accel as acceleration
+from workers.pipelines.accel import Acceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
 
 log = logging.getLogger(__name__)
@@ -61,11 +68,14 @@ class SDXLFamily:
         self.limits = limits
         self.source = source  # "folder", "single_file" or "converted_cache": how the weights were read
         self._prepared: tuple[str, Image.Image] | None = None  # (job_id, decoded init image) from check()
+        self.graphed: acceleration.GraphedUNet | None = None
+        self.accel_report: dict = {"applied": "none"}
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, opts: LoadOptions, limits: ImageLimits | None = None) -> "SDXLFamily":
+    def load(cls, opts: LoadOptions, limits: ImageLimits | None = None,
+             accel: Acceleration | None = None) -> "SDXLFamily":
         device = torch.device(opts.device)
         # bf16 on CUDA: fp16's range overflows in the SDXL VAE, bf16's does not, so no fp32 upcast.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -82,7 +92,54 @@ class SDXLFamily:
             # img2img's VAE encode upcasts to fp32 whenever force_upcast is set; bf16 does not need it.
             pipe.vae.register_to_config(force_upcast=False)
         pipe.to(device)
-        return cls(pipe, device, limits or ImageLimits(), source)
+        family = cls(pipe, device, limits or ImageLimits(), source)
+        if device.type == "cuda" and accel is not None and not accel.is_off:
+            family.accelerate(accel)
+        return family
+
+    @staticmethod
+    def acceleration_for(catalog, model_key: str, settings) -> Acceleration:
+        """The model's `optimize` block (job_types.yaml) as an Acceleration. Warm-up shapes: the sizes
+        (`warmup_sizes`, default every size of the model's job types) × the batch sizes (`warmup_images`,
+        default 1 and each job type's default_images)."""
+        spec = catalog.models[model_key].optimize
+        if not settings.optimize:
+            return Acceleration.off()
+        types = [t for t in catalog.job_types.values() if t.model == model_key]
+        batches = spec.warmup_images if spec.warmup_images is not None else sorted({1, *(t.default_images for t in types)})
+        sizes = sorted({(t.width, t.height) for t in types} if spec.warmup_sizes is None else
+                       {tuple(int(v) for v in size.split("x")) for size in spec.warmup_sizes})
+        return Acceleration(channels_last=spec.channels_last, fuse_qkv=spec.fuse_qkv, compile=spec.compile,
+                            cuda_graphs=spec.cuda_graphs, cudnn_benchmark=spec.cudnn_benchmark,
+                            warmup=tuple((n, w, h) for w, h in sizes for n in batches),
+                            cache_dir=settings.data_dir / "compile-cache")
+
+    def accelerate(self, accel: Acceleration) -> dict:
+        """Apply `accel` and run the warm-ups (compiles, CUDA-graph captures) now, not in a job. A
+        failure falls back to the plain pipeline: the worker still serves, only slower."""
+        started = time.perf_counter()
+        report = {"applied": accel.describe(), "warmup": {}}
+        try:
+            self.graphed = acceleration.apply(self.txt2img, accel)
+            for n, width, height in accel.warmup:
+                t0 = time.perf_counter()
+                with self.graphed.capture() if self.graphed else contextlib.nullcontext():
+                    self.txt2img(prompt=["warm-up"] * n, negative_prompt=[""] * n, num_inference_steps=2,
+                                 guidance_scale=5.0, width=width, height=height, output_type="pt")
+                report["warmup"][f"{n}x{width}x{height}"] = round(time.perf_counter() - t0, 2)
+        except Exception as exc:  # noqa: BLE001 — any compile/capture failure: serve without it
+            log.error("acceleration (%s) failed: %s: %s", accel.describe(), type(exc).__name__, exc)
+            acceleration.remove(self.txt2img)
+            self.graphed = None
+            if accel.compile != "none":  # the usual suspect: try once more without torch.compile
+                report = self.accelerate(dataclasses.replace(accel, compile="none"))
+                report["error"] = f"compile={accel.compile}: {type(exc).__name__}: {exc}"[:300]
+                return report
+            report["applied"], report["error"] = "fallback", f"{type(exc).__name__}: {exc}"[:300]
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        log.info("acceleration %s ready in %.1fs (warm-ups: %s)", report["applied"], report["seconds"], report["warmup"])
+        self.accel_report = report
+        return report
 
     @staticmethod
     def _from_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
@@ -203,9 +260,10 @@ class SDXLFamily:
                 guidance_scale=job.guidance,
                 generator=generators,
                 callback_on_step_end=step_end,
-                output_type="pil",
+                output_type="pt",
                 **kwargs,
             )
+            images = _to_pil(result.images)
         except torch.cuda.OutOfMemoryError as exc:
             oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         except RuntimeError as exc:
@@ -216,9 +274,16 @@ class SDXLFamily:
             # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
             self.free_memory()
             raise GenerationOutOfMemory(f"out of GPU memory generating {n} image(s) of {job.width}x{job.height}: {oom}")
-        return list(result.images)
+        return images
 
     def free_memory(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[0, 1] image batch → RGB PIL images, with diffusers' own arithmetic ((x * 255).round() in
+    float32) done on the device: one uint8 copy to the host instead of a float32 one."""
+    array = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(frame) for frame in array]

@@ -1,0 +1,195 @@
+"""The benchmark: plain diffusers next to this project, in one process run (README "Performance").
+
+    python3 -m bench.run --json OUT.json                 # on the GPU machine: every part that fits --budget
+    python3 -m bench.run --json OUT.json --parts queue   # CPU only: pickup latency and per-job overhead
+    python3 -m bench.run --json OUT.json --tiny          # smoke run of the same code on tiny models (CPU is fine)
+
+Parts, in order (each skipped when the time left is under its estimate, each failure reported and
+the next part run): build (real-size random-weight SDXL saved as a diffusers folder), plain, refs
+(fp32 and bf16 plain references for the numerics), stages (attribution of each lever on
+sdxl_image_fast), project (the production path: job_types.yaml's optimize block), wan, cold (a
+fresh process: ready / first job with the warm compile cache), alt (the other compile mode, batch 1
+only), queue (CPU part). Prints a table last and writes the JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.common import Report  # noqa: E402
+
+ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 40, "cold": 120,
+             "alt": 90, "queue": 10}
+GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt")
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    meta = {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name(0)
+        meta["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return meta
+
+
+def section(report: Report, parts: set, name: str, fn, state: dict) -> None:
+    if name not in parts:
+        return
+    if report.left() < ESTIMATES[name]:
+        report.note(f"part {name} skipped: {report.left():.0f}s left, it needs about {ESTIMATES[name]}s")
+        return
+    report.say(f"=== {name}")
+    t0 = time.perf_counter()
+    try:
+        fn(state)
+    except Exception as exc:  # noqa: BLE001 — report it, run the next part
+        traceback.print_exc()
+        report.note(f"part {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        from bench.sdxl_bench import cleanup
+
+        cleanup()
+        report.meta.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+
+
+def run_cold(report: Report, state: dict) -> None:
+    data = state["work"] / "data"
+    cmd = [sys.executable, "-m", "bench.cold_start", "--t0", "", "--model", str(state["folder"]), "--data-dir", str(data)]
+    if state["tiny"]:
+        cmd += ["--job-types", str(state["catalog_file"])]
+    t0 = time.time()
+    cmd[cmd.index("--t0") + 1] = repr(t0)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(60, report.left() - 20))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")), None)
+    if line is None:
+        raise RuntimeError(f"cold start child failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
+    result = json.loads(line[5:])
+    report.meta["cold_start_warm_cache"] = result
+    variant = state["project_variant"]
+    in_process = report.meta.get("project_load", {}).get(variant, {})
+    report.row("sdxl time to ready (warm compile cache)", f"fresh process, {variant}", [result["ready"]],
+               first_job_done_s=result["first_job_done"], imports_s=result["imports"])
+    if in_process:
+        report.row("sdxl load + compile + warm-up (cold cache)", f"in process, {variant}", [in_process["load_and_warmup_s"]],
+                   note="after imports; compile cache empty")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="where to write the results")
+    ap.add_argument("--budget", type=float, default=560, help="seconds this run may take (parts that do not fit are skipped)")
+    ap.add_argument("--parts", default=None, help=f"comma-separated, default: {','.join(GPU_PARTS)} on a GPU, queue on a CPU")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per job after one warm-up")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models and 64x64 jobs: a smoke run")
+    ap.add_argument("--work-dir", default=None, help="models, storage and compile cache (default: a new temp dir)")
+    args = ap.parse_args(argv)
+
+    report = Report(budget_s=args.budget)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = set((args.parts or (",".join(GPU_PARTS) if device == "cuda" else "queue")).split(","))
+    report.meta.update(versions(), device=device, tiny=args.tiny, parts=sorted(parts), argv=sys.argv[1:])
+    report.say("versions", json.dumps(report.meta))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    state = {"work": work, "folder": work / "sdxl", "tiny": args.tiny, "device": device}
+
+    if parts & set(GPU_PARTS):
+        from bench import sdxl_bench as S
+        from storage.local import LocalStorage
+        from workers.config import Settings, load_catalog
+        from workers.pipelines.sdxl import SDXLFamily
+
+        if args.tiny:
+            from tools.small_catalog import write_small_job_types
+
+            state["catalog_file"] = write_small_job_types(work / "catalog", width=64, height=64, steps=2, frames=5)
+        catalog = load_catalog(state.get("catalog_file"))
+        jobs = [S.make_job(catalog, t, n) for t, n in S.JOBS]
+        fast = jobs[0]
+        size = (fast.width, fast.height)
+        state.update(catalog=catalog, jobs=jobs, plain={}, fp32=None, flops=None, storage=LocalStorage(work / "storage"))
+        # The production configuration: the catalog's optimize block, as the image worker reads it.
+        project_accel = SDXLFamily.acceleration_for(catalog, fast.spec.model, Settings.from_env({"DATA_DIR": str(work / "data")}))
+        state["project_variant"] = f"project default: compile={project_accel.compile} + CUDA graphs"
+        other = "blocks" if project_accel.compile == "unet" else "unet"
+
+        def build(st):
+            if (st["folder"] / "model_index.json").exists():
+                report.say("model folder already there")
+            elif args.tiny:
+                S.build_tiny_sdxl(st["folder"])
+            else:
+                S.build_real_sdxl(st["folder"], device)
+
+        def plain(st):
+            st["plain"], st["flops"], st["plain_probe"] = S.run_plain(report, st["folder"], jobs, device, args.runs)
+
+        def refs(st):
+            st["fp32"] = S.run_references(report, st["folder"], fast, device, st["plain"], st["plain_probe"])
+
+        def stages(st):
+            S.run_project_stages(report, st["folder"], fast, device, st["storage"], st["plain"], st["fp32"],
+                                 st["flops"], args.runs)
+
+        def project(st):
+            S.run_project(report, st["folder"], jobs, device, st["storage"], st["plain"], st["fp32"], st["flops"],
+                          args.runs, project_accel, st["project_variant"], check_job=S.label(fast.job_type, 1))
+
+        def wan(st):
+            from bench.wan_bench import run_wan
+
+            run_wan(report, catalog, device, tiny=args.tiny)
+
+        def alt(st):
+            accel = dataclasses.replace(project_accel, compile=other, warmup=((1, *size),))
+            S.run_project(report, st["folder"], jobs[:2], device, st["storage"], st["plain"], st["fp32"], st["flops"],
+                          args.runs, accel, f"project: compile={other} + CUDA graphs", check_job=S.label(fast.job_type, 1))
+
+        if device == "cpu":
+            parts -= {"stages"}  # CUDA graphs need a GPU
+        for name, fn in (("build", build), ("plain", plain), ("refs", refs), ("stages", stages), ("project", project),
+                         ("wan", wan), ("cold", lambda st: run_cold(report, st)), ("alt", alt)):
+            section(report, parts, name, fn, state)
+
+    if "queue" in parts:
+        def queue(st):
+            from bench.queue_bench import run_queue
+
+            run_queue(report, work / "queue")
+
+        ESTIMATES["queue"] = 0  # CPU only: not limited by the device budget
+        section(report, parts, "queue", queue, state)
+
+    report.finish()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": report.meta, "rows": report.rows, "notes": report.notes}, indent=1,
+                                          default=str))
+    m = report.meta
+    print(f"\nRESULTS  {m.get('gpu', 'CPU')}  torch {m['torch']} (CUDA {m['cuda']})  diffusers {m['diffusers']}  "
+          f"transformers {m['transformers']}  total {report.elapsed():.0f}s")
+    print(report.table())
+    for n in report.notes:
+        print("NOTE", n)
+    print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
