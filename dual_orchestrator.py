@@ -17,8 +17,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 from workers.config import ConfigError, Settings, load_catalog
@@ -53,10 +51,13 @@ def cmd_run(args) -> int:
     repo = Path(__file__).resolve().parent
     specs = [ProcessSpec(name=name, argv=[sys.executable, "-m", f"workers.{name}_worker"], env={**env, "PYTHONPATH": str(repo)})
              for name in args.workers]
+    gateway = _gateway_spec(settings, {**env, "PYTHONPATH": str(repo)})
+    if gateway is not None:
+        specs.append(gateway)
     supervisor = Supervisor(specs, run_dir=settings.data_dir / "run")
     stop = threading.Event()
     redis_url = env["REDIS_URL"] if embedded else settings.redis_url
-    _publish_status(supervisor, settings, redis_url, stop, embedded)
+    _publish_status(supervisor, settings, catalog, redis_url, stop, embedded)
     from workers.metrics import serve
 
     http = serve(settings.health_host, settings.health_port, supervisor.status, redis_url, catalog)
@@ -73,25 +74,47 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _publish_status(supervisor, settings, redis_url: str, stop: threading.Event, embedded=None) -> None:
+def _gateway_spec(settings, env: dict):
+    """The RYLA gateway (gateway/) as a third supervised process, when GATEWAY_ENABLED=1."""
+    from gateway.settings import GatewaySettings
+    from workers.supervisor import ProcessSpec
+
+    try:
+        gateway = GatewaySettings.from_env(env, settings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        sys.exit(78)
+    if not gateway.enabled:
+        return None
+    log.info("RYLA gateway on http://%s:%d", gateway.host, gateway.port)
+    return ProcessSpec(name="gateway", argv=[sys.executable, "-m", "gateway"], env=env, ready_timeout=120)
+
+
+def _publish_status(supervisor, settings, catalog, redis_url: str, stop: threading.Event, embedded=None) -> None:
     """Every 2 s, the supervisor's view (states, restarts, exit codes) for `queues` and health checks;
-    also restarts the embedded redis-server if it died."""
+    also restarts the embedded redis-server if it died, and empties the queue of a worker given up
+    for good (its jobs run as their fallback or fail with the reason: workers/fallback.py)."""
     import socket
 
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    from workers.fallback import StrandedJobRescuer
+
     key = f"orchestrator:{socket.gethostname()}"
 
     def loop() -> None:
         # No retries: a stalled write here would also delay restarting a dead embedded redis-server.
         client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+        rescuer = StrandedJobRescuer(client, catalog, settings)
         while not stop.is_set():
             try:
                 if embedded is not None:
                     embedded.ensure_running()
-                client.set(key, json.dumps(supervisor.status()), ex=10)
+                statuses = supervisor.status()
+                client.set(key, json.dumps(statuses), ex=10)
+                rescuer.check(statuses)
             except redis.RedisError as exc:
                 log.warning("could not publish the supervisor status: %s", exc)
             stop.wait(2.0)
@@ -105,27 +128,13 @@ def cmd_submit(args) -> int:
     if spec is None:
         print(f"unknown job type {args.job_type!r}; known: {', '.join(catalog.job_types)}", file=sys.stderr)
         return 2
-    queue = catalog.queue_of(args.job_type)
-    count = args.num_images or spec.default_images
-    payload = {
-        "jobId": str(uuid.uuid4()), "jobType": args.job_type, "userId": args.user, "prompt": args.prompt,
-        "imageId": None, "videoId": None, "format": spec.content, "quality": spec.quality,
-        "modelType": args.job_type, "modelVariant": spec.model, "isSDXL": spec.worker == "image",
-        "numImages": count, "bucket": args.bucket or spec.default_bucket, "characterId": None,
-        "metadata": {"num_images": count, "queue": queue},
-        "timestamp": datetime.now(timezone.utc).isoformat(),
-    }
-    if args.seed is not None:
-        payload["seed"] = args.seed
-    if args.init_image:
-        payload["initImage"] = _as_image_source(args.init_image)
-    if args.reference_image:
-        payload["referenceImages"] = [_as_image_source(value) for value in args.reference_image]
-    client = _redis(settings)
-    from workers.queue import JobRecords
+    from workers.submit import enqueue, new_payload
 
-    JobRecords(client).update(payload["jobId"], status="queued", jobType=args.job_type, userId=args.user, queue=queue)
-    client.lpush(queue, json.dumps(payload))
+    payload = new_payload(catalog, args.job_type, args.prompt, args.user, num_images=args.num_images, bucket=args.bucket,
+                          seed=args.seed, initImage=_as_image_source(args.init_image) if args.init_image else None,
+                          referenceImages=[_as_image_source(v) for v in args.reference_image] if args.reference_image else None)
+    client = _redis(settings)
+    enqueue(client, catalog, payload)
     print(payload["jobId"], flush=True)
     return _watch(client, payload["jobId"], settings) if args.wait else 0
 

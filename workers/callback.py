@@ -239,15 +239,22 @@ class CallbackOutbox:
         Returns True when delivered now; False when it stays pending or went to callbacks:dead.
         Raises only if Redis itself fails, in which case nothing was persisted.
         """
-        raw = encode(body)
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(PENDING, job_id, raw)
-        pipe.zadd(DUE, {job_id: self.clock() + self.grace})
-        pipe.hdel(ATTEMPTS, job_id)
+        self.persist(pipe, job_id, body)
         if same_transaction is not None:
             same_transaction(pipe)
         pipe.execute()
+        return self.deliver_persisted(job_id, body)
 
+    def persist(self, pipe, job_id: str, body: dict) -> None:
+        """Queue the outbox entry's writes on `pipe` (a MULTI the caller executes with its own writes)."""
+        pipe.hset(PENDING, job_id, encode(body))
+        pipe.zadd(DUE, {job_id: self.clock() + self.grace})
+        pipe.hdel(ATTEMPTS, job_id)
+
+    def deliver_persisted(self, job_id: str, body: dict) -> bool:
+        """A few quick tries of an entry `persist` wrote; what fails stays due for `deliver_due`."""
+        raw = encode(body)
         error = None
         for attempt in range(1, self.quick_tries + 1):
             error = self._try(body)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JOB_TYPES_FILE = REPO_ROOT / "job_types.yaml"
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RYLA_ENDPOINT = re.compile(r"^[a-z0-9][a-z0-9.-]{0,63}$")
 
 
 class ConfigError(Exception):
@@ -36,6 +37,7 @@ class Limits(_Strict):
     input_image_max_pixels: int = Field(gt=0)
     payload_max_bytes: int = Field(gt=0)
     max_reference_images: int = Field(default=3, ge=1, le=8)  # reference-to-video inputs per job
+    max_steps: int = Field(default=50, ge=1, le=200)            # a payload's params.steps, at most
 
 
 class Defaults(_Strict):
@@ -114,6 +116,15 @@ class JobTypeSpec(_Strict):
         return self
 
 
+class RylaEndpoint(_Strict):
+    """One of RYLA's synchronous endpoints (CONTRACT.md, second part), served by the gateway (gateway/).
+
+    It serves once `job_type` is in this catalog; until then it answers 501 naming `needs`."""
+    job_type: str | None = None
+    output: Literal["jpeg", "webp", "png", "mp4"]
+    needs: str | None = None        # what this pod lacks for it (a model family, LoRA loading, ...)
+
+
 class Catalog(_Strict):
     """The parsed job_types.yaml."""
 
@@ -123,9 +134,17 @@ class Catalog(_Strict):
     workers: dict[str, WorkerSpec]
     models: dict[str, ModelSpec]
     job_types: dict[str, JobTypeSpec]
+    ryla: dict[str, RylaEndpoint] = {}   # endpoint name (path without the slash) -> its job type
 
     @model_validator(mode="after")
     def _check_references(self) -> "Catalog":
+        for name, endpoint in self.ryla.items():
+            if not RYLA_ENDPOINT.match(name):
+                raise ValueError(f"ryla.{name}: an endpoint name is lowercase letters, digits, '.' and '-'")
+            # A typo in a served endpoint must not read as "not served yet": only `needs` allows absence.
+            if endpoint.job_type not in self.job_types and not endpoint.needs:
+                raise ValueError(f"ryla.{name}.job_type: unknown job type {endpoint.job_type!r} "
+                                 "(name one of job_types, or say what is missing in `needs`)")
         for name, spec in self.job_types.items():
             where = f"job_types.{name}"
             if not SAFE_SEGMENT.match(name):
@@ -223,6 +242,7 @@ class Settings:
     video_vram_budget_gib: float | None = None  # GPU memory the video worker may use; None: no cap
     health_host: str = "127.0.0.1"  # the orchestrator's /health and /metrics (workers/metrics.py)
     health_port: int = 9464         # 0: no endpoint
+    fallback_routing: bool = True   # FALLBACK_ROUTING=0: sdxl jobs fail instead of running as their fallback
 
     @property
     def local_mode(self) -> bool:
@@ -269,6 +289,7 @@ class Settings:
             job_types_file=Path(env.get("JOB_TYPES_FILE") or DEFAULT_JOB_TYPES_FILE),
             model_overrides=overrides,
             optimize=env.get("OPTIMIZE", "1").lower() not in ("0", "false", "no", "off"),
+            fallback_routing=env.get("FALLBACK_ROUTING", "1").lower() not in ("0", "false", "no", "off"),
             video_vram_budget_gib=_positive_or_none(env, "VIDEO_VRAM_BUDGET_GIB"),
             health_host=env.get("HEALTH_HOST") or "127.0.0.1",
             health_port=int(_env_float(env, "HEALTH_PORT", 9464)),

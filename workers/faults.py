@@ -6,6 +6,9 @@ With FAULT_INJECTION=1 a worker honours a marker in a job payload, top level or 
     "faultInjection": "crash"   the worker process kills itself (SIGKILL) at the first step,
                                 as a segfault or the kernel's OOM killer would
 
+and FAULT_EXIT_AT_START=image (or video, or both, comma-separated) makes that worker exit at start
+with EX_CONFIG, so the orchestrator gives it up at once (FATAL): how the suite stops a worker for good.
+
 Without FAULT_INJECTION the marker is an ignored extra field, like any other. The runner consults
 this module at one point only, `during_generation`, from its step callback. A worker refuses to
 start with FAULT_INJECTION while SUPABASE_URL points at a non-local host (a real project), unless
@@ -23,6 +26,7 @@ from workers.config import ConfigError
 
 ENV = "FAULT_INJECTION"
 ALLOW_REMOTE_ENV = "FAULT_INJECTION_ALLOW_REMOTE"
+EXIT_AT_START_ENV = "FAULT_EXIT_AT_START"
 MARKER = "faultInjection"
 KINDS = ("oom", "crash")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -54,6 +58,12 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
 
 def enabled() -> bool:
     return _enabled
+
+
+def exits_at_start(worker: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether this worker is told to exit at start (only with fault injection on)."""
+    names = ((os.environ if env is None else env).get(EXIT_AT_START_ENV) or "").split(",")
+    return _enabled and worker in (n.strip() for n in names)
 
 
 def marker(payload: object) -> str | None:

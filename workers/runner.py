@@ -19,6 +19,7 @@ import redis
 from storage import Storage
 from storage.base import StorageError, object_name
 from workers import faults, media
+from workers.fallback import fallback_note, reroute_claim
 from workers.callback import CallbackOutbox, completed_body, failed_body, processing_body
 from workers.config import Catalog, Settings
 from workers.job import Job, JobRejected, parse_job
@@ -110,9 +111,12 @@ class Runner:
         except ValueError as exc:                 # check_inputs-style refusal from a family
             self._fail(claim, job.job_id, str(exc))
         except ModelUnavailable as exc:
-            self._fail(claim, job.job_id, str(exc))
+            self._fail_or_fall_back(claim, job, str(exc))
         except GenerationOutOfMemory as exc:
-            self._fail(claim, job.job_id, str(exc))
+            if self.oom_streak:     # out of memory again, after the last failure freed it: model-side
+                self._fail_or_fall_back(claim, job, str(exc))
+            else:
+                self._fail(claim, job.job_id, str(exc))
             self._out_of_memory()
         except JobTimedOut:
             self._fail(claim, job.job_id, f"timed out after {job.spec.timeout_seconds:.0f}s")
@@ -153,6 +157,10 @@ class Runner:
         if job.spec.content == "video":
             body["thumbnailPath"] = paths[1]
         body["seeds"] = list(job.seeds)
+        body["bucket"] = job.bucket
+        note = fallback_note(job.payload)
+        if note is not None:
+            body["fallback"] = note
         self.outbox.send_terminal(job.job_id, body, same_transaction=lambda pipe: self.records.update(
             job.job_id, pipe=pipe, status="completed", phase="done", outputs=paths, seeds=list(job.seeds),
             bucket=job.bucket, completed_at=self.clock(), seconds=round(self.clock() - started, 3)))
@@ -222,6 +230,12 @@ class Runner:
             job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
         self.queue.ack(claim)
         count_job(self.queue.r, job_type_label(claim.raw, self.catalog), "failed")
+
+    def _fail_or_fall_back(self, claim: Claim, job: Job, reason: str) -> None:
+        if self.settings.fallback_routing and reroute_claim(self.queue, self.records, self.catalog, claim, job.payload, reason):
+            count_job(self.queue.r, job.job_type, "fell_back")
+            return
+        self._fail(claim, job.job_id, reason)
 
     def _give_up(self, claim: Claim, job_id: str, tried: int) -> None:
         message = f"gave up after {tried} attempt(s): the worker stopped while running this job each time"

@@ -43,6 +43,9 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
+    if faults.exits_at_start(name):
+        log.error("fault injection: %s exits at start (%s)", name, faults.EXIT_AT_START_ENV)
+        return EX_CONFIG
     spec = catalog.workers[name]
     client = connect(settings.redis_url, settings.claim_timeout)
     queue = ReliableQueue(client, spec.queue, default_worker_id(name), settings.heartbeat_ttl, tuple(spec.legacy_queues))

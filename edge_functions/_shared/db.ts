@@ -95,6 +95,8 @@ export interface CallbackUpdate {
   imageUrls: string[] | null;
   errorMessage: string | null;
   attempt: number | null;
+  /** Merged into jobs.metadata: the bucket the outputs are in, and why a job ran as its fallback. */
+  metadata: Record<string, unknown> | null;
 }
 
 /**
@@ -111,7 +113,8 @@ export async function applyCallback(sql: Sql, u: CallbackUpdate): Promise<JobRow
       attempts = greatest(attempts + case when status = 'queued' then 1 else 0 end, coalesce(${u.attempt}::int, 0)),
       file_path = coalesce(${u.filePath}::text, file_path),
       image_urls = coalesce(${u.imageUrls}::text[], image_urls),
-      error_message = case when ${u.status} = 'failed' then ${u.errorMessage}::text else error_message end
+      error_message = case when ${u.status} = 'failed' then ${u.errorMessage}::text else error_message end,
+      metadata = metadata || coalesce((${u.metadata ? JSON.stringify(u.metadata) : null}::text)::jsonb, '{}'::jsonb)
     where id = ${u.jobId} and status in ('queued', 'processing')
     returning *`;
   return row ?? null;

@@ -3,6 +3,8 @@
 // completed|failed; a finished job never changes and a repeated callback is answered 200 unchanged.
 // Body: {jobId, status: processing|completed|failed, imageUrls?, filePath?, outputUrl? (old name of
 // filePath), errorMessage?} plus ignored extras (seeds, workerType...); `attempt` updates attempts.
+// `bucket` (where the outputs are) and `fallback` ({from, reason}: the job ran as its job type's
+// fallback, so its outputs are in the fallback's bucket) are kept in jobs.metadata.
 import { type CallbackAuthConfig, verifyCallback } from "../_shared/auth.ts";
 import { errorResponse, guarded, json, preflight } from "../_shared/cors.ts";
 import { applyCallback, type CallbackUpdate, getJob, type Sql } from "../_shared/db.ts";
@@ -49,6 +51,7 @@ export function parseCallback(body: unknown): CallbackUpdate {
     throw new BadBody("errorMessage must be a string");
   }
   const errorMessage = status === "failed" ? String(b.errorMessage || "the worker reported a failure").slice(0, MAX_ERROR_CHARS) : null;
+  const metadata = callbackMetadata(b);
   const attempt = typeof b.attempt === "number" && Number.isInteger(b.attempt) && b.attempt >= 0 && b.attempt < 1000 ? b.attempt : null;
   return {
     jobId: b.jobId,
@@ -58,7 +61,26 @@ export function parseCallback(body: unknown): CallbackUpdate {
     imageUrls: imageUrls ?? (filePath ? [filePath] : null),
     errorMessage,
     attempt,
+    metadata,
   };
+}
+
+const BUCKET = /^[A-Za-z0-9_-]{1,63}$/;
+
+function callbackMetadata(b: Record<string, unknown>): Record<string, unknown> | null {
+  const out: Record<string, unknown> = {};
+  if (b.bucket !== undefined && b.bucket !== null) {
+    if (typeof b.bucket !== "string" || !BUCKET.test(b.bucket)) throw new BadBody("bucket must be a bucket name");
+    out.bucket = b.bucket;
+  }
+  if (b.fallback !== undefined && b.fallback !== null) {
+    const f = b.fallback as Record<string, unknown>;
+    if (typeof f !== "object" || Array.isArray(f) || typeof f.from !== "string" || !BUCKET.test(f.from)) {
+      throw new BadBody("fallback must be {from: job type, reason: text}");
+    }
+    out.fallback = { from: f.from, reason: String(f.reason ?? "").slice(0, 300) };
+  }
+  return Object.keys(out).length ? out : null;
 }
 
 export function createJobCallbackHandler(deps: JobCallbackDeps): (req: Request) => Promise<Response> {

@@ -26,13 +26,15 @@ class Config:
     outage_seconds: float    # each phase (503s, then hangs) lasts this long
     poison_jobs: int         # payloads that crash the worker process every time
     fuzz_payloads: int
+    fallback_jobs: int       # fallback routing: sdxl jobs per part (plus one sdxl_img2img)
     settle_seconds: float    # how long a scenario waits for its jobs before counting the rest lost
     seed: int = 7
 
 
 CONFIGS = {
     "small": Config("small", storm_jobs=120, storm_kills=6, storm_seconds=16, restart_jobs=40, outage_jobs=12,
-                    outage_seconds=3, poison_jobs=1, fuzz_payloads=300, settle_seconds=150),
+                    outage_seconds=3, poison_jobs=1, fuzz_payloads=300, fallback_jobs=3, settle_seconds=150),
     "large": Config("large", storm_jobs=1000, storm_kills=100, storm_seconds=420, restart_jobs=300, outage_jobs=100,
-                    outage_seconds=10, poison_jobs=2, fuzz_payloads=10000, settle_seconds=900),
+                    outage_seconds=10, poison_jobs=2, fuzz_payloads=10000, fallback_jobs=30,
+                    settle_seconds=900),
 }

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tests.reliability import CONFIGS
+from tests.reliability.fallback import fallback_routing
 from tests.reliability.figures import Figures
 from tests.reliability.fuzz import fuzz
 from tests.reliability.injected import out_of_memory, poison
@@ -16,7 +17,7 @@ from tests.reliability.outages import outages
 from tests.reliability.scenarios import crash_storm, graceful_stop, redis_restart
 
 SCENARIOS = {"storm": crash_storm, "redis": redis_restart, "outages": outages, "oom": out_of_memory,
-             "poison": poison, "fuzz": fuzz, "graceful": graceful_stop}
+             "poison": poison, "fuzz": fuzz, "graceful": graceful_stop, "fallback": fallback_routing}
 
 
 def run(names: list[str], config: str, workdir: Path, tiny) -> list[Figures]:

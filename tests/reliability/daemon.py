@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import redis
 
@@ -85,12 +86,16 @@ class Daemon:
         self.client = redis.Redis(port=self.redis_port, socket_timeout=10)
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = 120) -> "Daemon":
+    def start(self, timeout: float = 120, ready: Callable[["Daemon"], bool] | None = None) -> "Daemon":
+        """Start and wait until /health says 200, or until `ready(self)` holds when given."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "dual_orchestrator.py", "run"], cwd=REPO, env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT)
         try:
-            self.wait_healthy(timeout)
+            if ready is None:
+                self.wait_healthy(timeout)
+            else:
+                self.wait_until(lambda: ready(self), timeout)
         except BaseException:   # no orphans: the caller has no daemon to stop yet
             self.kill()
             raise
@@ -104,6 +109,13 @@ class Daemon:
                 return report
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon is not healthy ({code}): {report}\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not get there in {timeout:.0f} s\n{self.log_tail()}")
             time.sleep(0.1)
 
     def stop(self, timeout: float = 90) -> tuple[int | None, float]:

@@ -17,7 +17,9 @@ OOM_REASON = "out of GPU memory"
 
 def out_of_memory(cfg: Config, root: Path, tiny) -> list[Figures]:
     fig = Figures("out of memory", cfg.name)
-    daemon = Daemon(root, tiny, steps=1, FAULT_INJECTION=1).start()
+    # Fallback off: this scenario checks the OOM failure itself (a repeated OOM would otherwise
+    # send the job to its fallback; the fallback scenario covers that).
+    daemon = Daemon(root, tiny, steps=1, FAULT_INJECTION=1, FALLBACK_ROUTING=0).start()
     try:
         started = time.monotonic()
         first_pid = daemon.worker_pid("image")

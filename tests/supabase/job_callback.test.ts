@@ -44,6 +44,23 @@ test("processing, then completed with imageUrls; extras are ignored", async () =
   assert(r.completed_at !== null);
 });
 
+test("a job that ran as its fallback keeps the bucket and the reason in metadata", async () => {
+  await reset();
+  const job = await newJob();
+  await sql`update public.jobs set metadata = '{"prompt": "kept"}'::jsonb where id = ${job.id}`;
+  const path = `${job.user}/${job.id}_0.png`;
+  const fallback = { from: "sdxl_image_fast", reason: "the image worker stopped for good" };
+  const res = await send({ jobId: job.id, status: "completed", imageUrls: [path], bucket: "image_fast", fallback });
+  assertEquals([res.status, res.body.applied], [200, true]);
+  const r = await row(job.id);
+  assertEquals(r.metadata, { prompt: "kept", bucket: "image_fast", fallback });
+  for (const bad of [{ bucket: "../x" }, { fallback: "sdxl" }, { fallback: { reason: "no from" } }]) {
+    const other = await newJob();
+    const refused = await send({ jobId: other.id, status: "completed", filePath: `${other.user}/a.png`, ...bad });
+    assertStrictEquals(refused.status, 400, JSON.stringify(bad));
+  }
+});
+
 test("filePath and its old name outputUrl are accepted", async () => {
   await reset();
   for (const key of ["filePath", "outputUrl"]) {
