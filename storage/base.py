@@ -49,3 +49,7 @@ class Storage(Protocol):
         Returns the path inside the bucket, f"{user_id}/{filename}". Raises StorageError.
         """
         ...
+
+    def read(self, bucket: str, path_in_bucket: str) -> bytes:
+        """Bytes of `{bucket}/{path_in_bucket}`, the path `upload` returned. Raises StorageError."""
+        ...

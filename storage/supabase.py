@@ -81,3 +81,21 @@ class SupabaseStorage:
                             where, last, attempt, self.max_attempts, delay)
                 self.sleep(delay)
         raise StorageError(f"upload of {where} failed after {self.max_attempts} attempts: {last}", retryable=True)
+
+    def read(self, bucket: str, path_in_bucket: str) -> bytes:
+        """GET {url}/storage/v1/object/{bucket}/{userId}/{filename} with the service key (one attempt:
+        the caller, a client waiting for its result, retries)."""
+        parts = path_in_bucket.split("/") if isinstance(path_in_bucket, str) else [path_in_bucket]
+        if len(parts) != 2:
+            raise StorageError(f"path {str(path_in_bucket)[:80]!r} is not 'userId/filename'", retryable=False)
+        segments = [check_segment(bucket, "bucket"), check_segment(parts[0], "userId"), check_segment(parts[1], "filename")]
+        endpoint = f"{self.url}/storage/v1/object/" + "/".join(quote(p, safe="") for p in segments)
+        headers = {"Authorization": f"Bearer {self.service_key}", "apikey": self.service_key}
+        try:
+            response = self.session.get(endpoint, headers=headers, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise StorageError(f"download of {bucket}/{path_in_bucket} failed: {exc}", retryable=True) from exc
+        if response.status_code != 200:
+            raise StorageError(f"download of {bucket}/{path_in_bucket} refused: HTTP {response.status_code}: "
+                               f"{server_message(response)}", retryable=response.status_code >= 500)
+        return response.content

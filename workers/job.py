@@ -177,6 +177,7 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         if requested is not None:   # shorter clips only: the job type's length bounds time and timeout
             frames = _as_int(requested, "number of frames", 1, spec.frames, job_id)
     references = _reference_images(spec, payload, meta, limits.max_reference_images, job_id, user_id)
+    width, height, steps, guidance = _params(spec, _pick(payload, meta, "params"), limits.max_steps, job_id, user_id)
 
     return Job(
         job_id=job_id,
@@ -188,10 +189,10 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         num_images=num_images,
         bucket=bucket,
         seeds=tuple(first_seed + i for i in range(num_images)),
-        width=spec.width,
-        height=spec.height,
-        steps=spec.steps,
-        guidance=spec.guidance,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
         strength=strength,
         init_image=init_image,
         payload=payload,
@@ -199,6 +200,28 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         fps=spec.fps,
         reference_images=references,
     )
+
+
+def _params(spec: JobTypeSpec, params: Any, max_steps: int, job_id: str, user_id: str) -> tuple[int, int, int, float]:
+    """`params`: width, height, steps, guidance within the job type's bounds (the type's pixel count
+    bounds memory and time); anything left out keeps the type's value."""
+    if params is None:
+        return spec.width, spec.height, spec.steps, spec.guidance
+    if not isinstance(params, dict):
+        raise JobRejected("params must be a JSON object", job_id, user_id)
+    width = spec.width if params.get("width") is None else _as_int(params["width"], "width", 64, 4096, job_id)
+    height = spec.height if params.get("height") is None else _as_int(params["height"], "height", 64, 4096, job_id)
+    if width % 8 or height % 8:
+        raise JobRejected(f"width and height must be multiples of 8, got {width}x{height}", job_id, user_id)
+    if width * height > spec.width * spec.height:
+        raise JobRejected(f"{width}x{height} is larger than {spec.name}'s {spec.width}x{spec.height} pixels", job_id, user_id)
+    steps = spec.steps if params.get("steps") is None else _as_int(params["steps"], "steps", 1, max_steps, job_id)
+    guidance = params.get("guidance")
+    if guidance is None:
+        guidance = spec.guidance
+    elif isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 30:
+        raise JobRejected(f"guidance must be a number between 0 and 30, got {str(guidance)[:40]!r}", job_id, user_id)
+    return width, height, steps, float(guidance)
 
 
 def _image_source(value: Any, what: str, job_id: str, user_id: str) -> str:

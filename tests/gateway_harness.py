@@ -1,0 +1,81 @@
+"""The RYLA gateway as a real process (python -m gateway) next to real workers, for tests."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class GatewayProcess:
+    env: dict
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log: object = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "GatewayProcess":
+        ready = self.log_path.with_suffix(f".{uuid.uuid4().hex[:6]}.ready")
+        env = {**os.environ, **self.env, "GATEWAY_PORT": str(self.port), "WORKER_READY_FILE": str(ready),
+               "PYTHONPATH": str(REPO)}
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, cwd=REPO, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not become ready:\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+
+
+def image_uri(size=(48, 80), color=(200, 30, 30), fmt="PNG") -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def decoded(response: httpx.Response) -> Image.Image:
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
