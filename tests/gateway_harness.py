@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 from PIL import Image
 
 from tests.conftest import free_port
+from tools.small_catalog import write_small_job_types
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,3 +81,20 @@ def decoded(response: httpx.Response) -> Image.Image:
     image = Image.open(io.BytesIO(response.content))
     image.load()
     return image
+
+
+SERVED_FAMILIES = ("sdxl", "wan", "wan_i2v", "wan_vace")   # what the test workers load
+
+
+def sdxl_and_wan_catalog(directory: Path, **overrides) -> Path:
+    """A small catalog (tools/small_catalog.py) whose RYLA endpoints serve only the SDXL and Wan job
+    types the test workers load; the others answer 501, as on a pod without those models."""
+    path = write_small_job_types(directory, **overrides)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for entry in raw.get("ryla", {}).values():
+        spec = raw["job_types"].get(entry.get("job_type"))
+        if spec is not None and raw["models"][spec["model"]]["family"] not in SERVED_FAMILIES:
+            entry["needs"] = entry.get("needs") or f"{entry['job_type']}'s model (not in the test workers)"
+            entry["job_type"] = entry["job_type"] + "_not_loaded"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
