@@ -82,7 +82,8 @@ def test_images_videos_i2v_and_r2v_as_the_contract_says(tmp_path, make_worker, r
             data, content_type = cloud.objects[f"image_fast/{path}"]
             assert content_type == "image/png" and Image.open(io.BytesIO(data)).size == (64, 64)
         assert cloud.callbacks_for(images["jobId"])[-1] == {
-            "jobId": images["jobId"], "status": "completed", "imageUrls": pngs, "filePath": pngs[0], "seeds": [11, 12]}
+            "jobId": images["jobId"], "status": "completed", "imageUrls": pngs, "filePath": pngs[0], "seeds": [11, 12],
+            "bucket": "image_fast"}
 
         for payload, bucket, size in ((video, "video_fast", (64, 64)), (i2v, "video_fast", (64, 96)),
                                       (r2v, "video_high", (64, 64))):
@@ -97,7 +98,7 @@ def test_images_videos_i2v_and_r2v_as_the_contract_says(tmp_path, make_worker, r
             bodies = cloud.callbacks_for(payload["jobId"])
             assert bodies[0] == {"jobId": payload["jobId"], "status": "processing"}
             assert bodies[-1] == {"jobId": payload["jobId"], "status": "completed", "filePath": mp4,
-                                  "thumbnailPath": thumb, "seeds": bodies[-1]["seeds"]}
+                                  "thumbnailPath": thumb, "seeds": bodies[-1]["seeds"], "bucket": bucket}
         assert cloud.callbacks_for(video["jobId"])[-1]["seeds"] == [5]
         uploads = cloud.requests_to("/storage/v1/object/")
         assert all(r.headers["x-upsert"] == "true" for r in uploads)

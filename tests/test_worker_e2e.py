@@ -83,7 +83,7 @@ def test_supabase_mode_uploads_and_calls_back_as_the_contract_says(tmp_path, mak
         bodies = cloud.callbacks_for(job["jobId"])
         assert bodies[0] == {"jobId": job["jobId"], "status": "processing"}
         assert bodies[-1] == {"jobId": job["jobId"], "status": "completed", "imageUrls": expected,
-                              "filePath": expected[0], "seeds": [7, 8]}
+                              "filePath": expected[0], "seeds": [7, 8], "bucket": "sdxl_fast"}
 
 
 def test_bad_inputs_fail_with_a_reason_and_the_worker_goes_on(tmp_path, make_worker, redis_client):

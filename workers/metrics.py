@@ -3,11 +3,12 @@
     GET /health    JSON: each process's supervisor state, each worker's heartbeat (alive, current
                    job, models), queue lengths, callbacks. 200 when every process is running, Redis
                    answers and each queue has a live worker; 503 otherwise.
-    GET /metrics   Prometheus text format (below).
+    GET /metrics   Prometheus text format, through prometheus-client (a collector reading Redis).
 
 Loopback only by default (HEALTH_HOST=127.0.0.1, HEALTH_PORT=9464; HEALTH_PORT=0 turns it off).
-Job counters live in Redis (hash `metrics:jobs`, field "{jobType}|{status}"), incremented by every
-worker's runner when a job reaches a terminal status, so they survive worker and daemon restarts.
+Job counters and duration histograms live in Redis (hashes `metrics:jobs`, field "{jobType}|{status}",
+and `metrics:durations`), written by every worker's runner when a job ends, so they survive worker
+and daemon restarts and add up across workers. Each worker's heartbeat carries its VRAM in use.
 """
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import redis
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from workers.queue import queue_overview
 
 JOBS_KEY = "metrics:jobs"
+DURATIONS_KEY = "metrics:durations"      # "{jobType}|{le}" cumulative counts, "{jobType}|sum"
+DURATION_BUCKETS = (1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1200)   # seconds: SDXL images to long videos
 PREFIX = "ourvidz"
 log = logging.getLogger("orchestrator.http")
 
@@ -44,6 +49,20 @@ def count_job(client: redis.Redis, job_type: str, status: str) -> None:
         client.hincrby(JOBS_KEY, f"{job_type}|{status}", 1)
     except redis.RedisError as exc:
         log.warning("could not count a %s %s job: %s", status, job_type, exc)
+
+
+def observe_duration(client: redis.Redis, job_type: str, seconds: float) -> None:
+    """A completed job's duration into the cumulative histogram in Redis. Best effort, like count_job."""
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            for le in DURATION_BUCKETS:
+                if seconds <= le:
+                    pipe.hincrby(DURATIONS_KEY, f"{job_type}|{_bound(le)}", 1)
+            pipe.hincrby(DURATIONS_KEY, f"{job_type}|+Inf", 1)
+            pipe.hincrbyfloat(DURATIONS_KEY, f"{job_type}|sum", round(seconds, 3))
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("could not record a %s job's duration: %s", job_type, exc)
 
 
 # --- views --------------------------------------------------------------------------------------
@@ -74,55 +93,91 @@ def health(processes: dict, client: redis.Redis, catalog) -> tuple[int, dict]:
     return (200 if ok else 503), report
 
 
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class DaemonCollector:
+    """A prometheus-client collector that reads the supervisor's view and Redis at each scrape."""
+
+    def __init__(self, processes: dict, client: redis.Redis, catalog):
+        self.processes, self.client, self.catalog = processes, client, catalog
+
+    def collect(self):
+        processes = self.processes
+        up = GaugeMetricFamily(f"{PREFIX}_process_up", "1 when the supervised process is running (ready).", labels=["process"])
+        restarts = CounterMetricFamily(f"{PREFIX}_process_restarts", "Restarts of the supervised process by the orchestrator.",
+                                       labels=["process"])
+        for name, p in sorted(processes.items()):
+            up.add_metric([name], float(p.get("state") == "running"))
+            restarts.add_metric([name], p.get("restarts", 0))
+        yield up
+        yield restarts
+        redis_up = GaugeMetricFamily(f"{PREFIX}_redis_up", "1 when Redis answered this scrape.")
+        try:
+            families = list(self._from_redis())
+        except redis.RedisError:
+            redis_up.add_metric([], 0)
+            yield redis_up
+            return
+        yield from families
+        redis_up.add_metric([], 1)
+        yield redis_up
+
+    def _from_redis(self):
+        c = self.client
+        jobs = CounterMetricFamily(f"{PREFIX}_jobs", "Jobs that reached a terminal status, by job type and status.",
+                                   labels=["job_type", "status"])
+        for key, value in sorted((k.decode(), int(v)) for k, v in c.hgetall(JOBS_KEY).items()):
+            job_type, _, status = key.partition("|")
+            jobs.add_metric([job_type, status], value)
+        yield jobs
+        yield self._durations()
+        # queue_overview's field → its gauge
+        gauges = {field: GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=["queue"]) for field, name, text in (
+            ("pending", "queue_pending", "Jobs waiting in the queue."),
+            ("processing", "queue_processing", "Jobs claimed by a worker, not yet acknowledged."),
+            ("dead", "dead_letters", "Entries in the queue's dead-letter list."))}
+        alive = GaugeMetricFamily(f"{PREFIX}_worker_alive", "1 while the worker's heartbeat is fresh.", labels=["queue", "worker"])
+        vram = GaugeMetricFamily(f"{PREFIX}_worker_vram_bytes", "GPU memory the worker's allocator holds (reserved).",
+                                 labels=["queue", "worker"])
+        for name, queue in _queues(self.catalog):
+            if name not in self.processes:
+                continue
+            view = queue_overview(c, queue)
+            for field, family in gauges.items():
+                family.add_metric([queue], view[field])
+            for w in view["workers"]:
+                alive.add_metric([queue, w["id"]], float(w["alive"]))
+                if w["alive"] and isinstance(w.get("vram_bytes"), int):
+                    vram.add_metric([queue, w["id"]], w["vram_bytes"])
+        yield from gauges.values()
+        yield alive
+        yield vram
+        pending = GaugeMetricFamily(f"{PREFIX}_callbacks_pending", "Terminal callbacks in the outbox, not yet delivered.")
+        pending.add_metric([], c.hlen("callbacks:pending"))
+        dead = GaugeMetricFamily(f"{PREFIX}_callbacks_dead", "Callbacks the receiver refused for good.")
+        dead.add_metric([], c.llen("callbacks:dead"))
+        yield pending
+        yield dead
+
+    def _durations(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(f"{PREFIX}_job_seconds", "Seconds from start to completion of completed jobs.",
+                                       labels=["job_type"])
+        by_type: dict[str, dict[str, float]] = {}
+        for key, value in self.client.hgetall(DURATIONS_KEY).items():
+            job_type, _, field = key.decode().partition("|")
+            by_type.setdefault(job_type, {})[field] = float(value)
+        for job_type, fields in sorted(by_type.items()):
+            buckets = [(_bound(le), fields.get(_bound(le), 0.0)) for le in DURATION_BUCKETS] + [("+Inf", fields.get("+Inf", 0.0))]
+            family.add_metric([job_type], buckets, sum_value=fields.get("sum", 0.0))
+        return family
 
 
-class _Text:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
-        self.lines += [f"# HELP {PREFIX}_{name} {help_text}", f"# TYPE {PREFIX}_{name} {kind}"]
-        for labels, value in samples:
-            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            number = int(value) if float(value).is_integer() else float(value)
-            self.lines.append(f"{PREFIX}_{name}{{{inner}}} {number}" if inner else f"{PREFIX}_{name} {number}")
+def _bound(le: float) -> str:
+    return f"{le:g}"
 
 
 def render_metrics(processes: dict, client: redis.Redis, catalog) -> str:
-    out = _Text()
-    out.family("process_up", "gauge", "1 when the supervised process is running (ready).",
-               [({"process": n}, float(p.get("state") == "running")) for n, p in sorted(processes.items())])
-    out.family("process_restarts_total", "counter", "Restarts of the supervised process by the orchestrator.",
-               [({"process": n}, p.get("restarts", 0)) for n, p in sorted(processes.items())])
-    try:
-        counts = {k.decode(): int(v) for k, v in client.hgetall(JOBS_KEY).items()}
-        jobs = []
-        for field, value in sorted(counts.items()):
-            job_type, _, status = field.partition("|")
-            jobs.append(({"job_type": job_type, "status": status}, value))
-        out.family("jobs_total", "counter", "Jobs that reached a terminal status, by job type and status.", jobs)
-        pending, processing, dead, alive = [], [], [], []
-        for name, queue in _queues(catalog):
-            if name not in processes:
-                continue
-            view = queue_overview(client, queue)
-            pending.append(({"queue": queue}, view["pending"]))
-            processing.append(({"queue": queue}, view["processing"]))
-            dead.append(({"queue": queue}, view["dead"]))
-            alive += [({"queue": queue, "worker": w["id"]}, float(w["alive"])) for w in view["workers"]]
-        out.family("queue_pending", "gauge", "Jobs waiting in the queue.", pending)
-        out.family("queue_processing", "gauge", "Jobs claimed by a worker, not yet acknowledged.", processing)
-        out.family("dead_letters", "gauge", "Entries in the queue's dead-letter list.", dead)
-        out.family("worker_alive", "gauge", "1 while the worker's heartbeat is fresh.", alive)
-        out.family("callbacks_pending", "gauge", "Terminal callbacks in the outbox, not yet delivered.",
-                   [({}, client.hlen("callbacks:pending"))])
-        out.family("callbacks_dead", "gauge", "Callbacks the receiver refused for good.", [({}, client.llen("callbacks:dead"))])
-        out.family("redis_up", "gauge", "1 when Redis answered this scrape.", [({}, 1)])
-    except redis.RedisError:
-        out.family("redis_up", "gauge", "1 when Redis answered this scrape.", [({}, 0)])
-    return "\n".join(out.lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(processes, client, catalog))
+    return generate_latest(registry).decode()
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -142,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             status = 200
             body = render_metrics(self.processes(), self.client, self.catalog).encode()
-            content_type = "text/plain; version=0.0.4; charset=utf-8"
+            content_type = CONTENT_TYPE_LATEST
         else:
             status, body, content_type = 404, b'{"error": "try /health or /metrics"}', "application/json"
         self.send_response(status)

@@ -23,7 +23,7 @@ from workers.fallback import fallback_note, reroute_claim
 from workers.callback import CallbackOutbox, completed_body, failed_body, processing_body
 from workers.config import Catalog, Settings
 from workers.job import Job, JobRejected, parse_job
-from workers.metrics import count_job, job_type_label
+from workers.metrics import count_job, job_type_label, observe_duration
 from workers.pipelines.base import GenerationOutOfMemory, ModelUnavailable
 from workers.queue import Claim, JobRecords, ReliableQueue
 
@@ -166,6 +166,7 @@ class Runner:
             bucket=job.bucket, completed_at=self.clock(), seconds=round(self.clock() - started, 3)))
         self.queue.ack(claim)
         count_job(self.queue.r, job.job_type, "completed")
+        observe_duration(self.queue.r, job.job_type, self.clock() - started)
         self.oom_streak = 0
         log.info("job %s completed: %d output(s) in %.2fs", job.job_id, len(paths), self.clock() - started)
 
@@ -195,6 +196,7 @@ class Runner:
             self.records.update(job.job_id, phase=name)
 
         on_step.phase = phase   # families with several stages record them ("encoding prompt", "decoding")
+        on_step.record = lambda **fields: self.records.update(job.job_id, **fields)   # e.g. residency, swap_ms
         return on_step
 
     def _store(self, job: Job, output) -> list[str]:

@@ -62,6 +62,8 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
                     storage=make_storage(settings), outbox=CallbackOutbox(client, make_callback_sink(settings)),
                     families=families, load_errors=load_errors, worker_type=spec.worker_type)
     models_state = {key: ("loaded" if key in families else f"unavailable: {load_errors.get(key, '')}") for key in model_keys}
+    if getattr(families, "residency", None) is not None:   # the image worker: resident / warm / not loaded, kept current
+        families.residency.publish_to(models_state)
     beat = _start_heartbeat(queue, runner, models_state)
     _install_signal_handlers(runner, float(os.environ.get("STOP_GRACE", "30")))
     report_ready()
@@ -85,13 +87,21 @@ def _start_heartbeat(queue: ReliableQueue, runner: Runner, models: dict) -> thre
         while not stop.is_set():
             try:
                 queue.heartbeat({"state": "busy" if runner.current_job else "idle", "job": runner.current_job,
-                                 "models": models})
+                                 "models": models, "vram_bytes": vram_in_use()})
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             stop.wait(max(queue.heartbeat_ttl / 3, 0.05))
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     return stop
+
+
+def vram_in_use() -> int | None:
+    """Bytes the CUDA caching allocator holds, or None before CUDA is in use (never initialises it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.memory_reserved())
 
 
 def _install_signal_handlers(runner: Runner, grace: float) -> None:
