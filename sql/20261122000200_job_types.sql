@@ -17,7 +17,12 @@ values
   ('video_high', 'wan_queue', 'WAN', 'video', 280, 2, 1),
   ('video_i2v_fast', 'wan_queue', 'WAN', 'video', 300, 2, 2),
   ('video_i2v_high', 'wan_queue', 'WAN', 'video', 560, 2, 2),
-  ('video_r2v', 'wan_queue', 'WAN', 'video', 240, 2, 2)
+  ('video_r2v', 'wan_queue', 'WAN', 'video', 240, 2, 2),
+  ('qwen_image_2512', 'sdxl_queue', 'SDXL', 'image', 25, 2, 3),
+  ('qwen_image_2512_fast', 'sdxl_queue', 'SDXL', 'image', 4, 2, 3),
+  ('qwen_image_edit_2511', 'sdxl_queue', 'SDXL', 'image', 25, 2, 3),
+  ('qwen_image_inpaint_2511', 'sdxl_queue', 'SDXL', 'image', 25, 2, 3),
+  ('z_image_turbo', 'sdxl_queue', 'SDXL', 'image', 4, 2, 3)
 on conflict (job_type) do update set
   queue = excluded.queue, worker_type = excluded.worker_type, content = excluded.content,
   expected_seconds = excluded.expected_seconds, max_attempts = excluded.max_attempts, phase = excluded.phase;
@@ -34,7 +39,12 @@ delete from public.job_type_catalog where job_type not in (
   'video_high',
   'video_i2v_fast',
   'video_i2v_high',
-  'video_r2v'
+  'video_r2v',
+  'qwen_image_2512',
+  'qwen_image_2512_fast',
+  'qwen_image_edit_2511',
+  'qwen_image_inpaint_2511',
+  'z_image_turbo'
 );
 insert into public.job_type_buckets (job_type, bucket, is_default)
 values
@@ -51,7 +61,12 @@ values
   ('video_high', 'video_high', true),
   ('video_i2v_fast', 'video_fast', true),
   ('video_i2v_high', 'video_high', true),
-  ('video_r2v', 'video_high', true);
+  ('video_r2v', 'video_high', true),
+  ('qwen_image_2512', 'qwen_image_2512', true),
+  ('qwen_image_2512_fast', 'qwen_image_2512_fast', true),
+  ('qwen_image_edit_2511', 'qwen_image_edit_2511', true),
+  ('qwen_image_inpaint_2511', 'qwen_image_inpaint_2511', true),
+  ('z_image_turbo', 'z_image_turbo', true);
 
 alter table public.jobs drop constraint if exists valid_job_types;
 alter table public.jobs add constraint valid_job_types check (job_type in (
@@ -65,7 +80,12 @@ alter table public.jobs add constraint valid_job_types check (job_type in (
   'video_high',
   'video_i2v_fast',
   'video_i2v_high',
-  'video_r2v'
+  'video_r2v',
+  'qwen_image_2512',
+  'qwen_image_2512_fast',
+  'qwen_image_edit_2511',
+  'qwen_image_inpaint_2511',
+  'z_image_turbo'
 )) not valid;
 
 update public.jobs j
@@ -85,6 +105,11 @@ values
   ('image_fast', 'image_fast', false, 20971520, array['image/png']),
   ('image_high', 'image_high', false, 31457280, array['image/png']),
   ('video_fast', 'video_fast', false, 20971520, array['video/mp4', 'image/jpeg']),
-  ('video_high', 'video_high', false, 31457280, array['video/mp4', 'image/jpeg'])
+  ('video_high', 'video_high', false, 31457280, array['video/mp4', 'image/jpeg']),
+  ('qwen_image_2512', 'qwen_image_2512', false, 31457280, array['image/png']),
+  ('qwen_image_2512_fast', 'qwen_image_2512_fast', false, 20971520, array['image/png']),
+  ('qwen_image_edit_2511', 'qwen_image_edit_2511', false, 31457280, array['image/png']),
+  ('qwen_image_inpaint_2511', 'qwen_image_inpaint_2511', false, 31457280, array['image/png']),
+  ('z_image_turbo', 'z_image_turbo', false, 20971520, array['image/png'])
 on conflict (id) do update set
   public = false, file_size_limit = excluded.file_size_limit, allowed_mime_types = excluded.allowed_mime_types;

@@ -72,3 +72,4 @@ def redis_client(redis_server):
 
 from tests.fixtures.tiny_sdxl import tiny_sdxl  # noqa: E402,F401  (session fixture: tiny random SDXL on disk)
 from tests.fixtures.tiny_wan import tiny_wan  # noqa: E402,F401  (session fixture: tiny random Wan T2V/I2V/VACE)
+from tests.fixtures.tiny_image_models import tiny_image_models  # noqa: E402,F401  (tiny Qwen-Image, Z-Image, LoRAs)

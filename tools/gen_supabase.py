@@ -129,6 +129,7 @@ def render_job_types_ts(catalog: Catalog) -> str:
         "inputImageMaxPixels": catalog.limits.input_image_max_pixels,
         "payloadMaxBytes": catalog.limits.payload_max_bytes,
         "maxReferenceImages": catalog.limits.max_reference_images,
+        "maxLorasPerJob": catalog.limits.max_loras_per_job,
     }
     queues = {name: {"queue": w.queue, "workerType": w.worker_type, "legacyQueues": w.legacy_queues}
               for name, w in catalog.workers.items()}
@@ -138,7 +139,7 @@ export interface JobTypeSpec {{
   queue: string;
   workerType: string;
   content: "image" | "video";
-  mode: "txt2img" | "img2img" | "txt2video" | "img2video" | "ref2video";
+  mode: "txt2img" | "img2img" | "txt2video" | "img2video" | "ref2video" | "edit" | "inpaint";
   model: string;
   width: number;
   height: number;

@@ -38,6 +38,8 @@ class Limits(_Strict):
     payload_max_bytes: int = Field(gt=0)
     max_reference_images: int = Field(default=3, ge=1, le=8)  # reference-to-video inputs per job
     max_steps: int = Field(default=50, ge=1, le=200)            # a payload's params.steps, at most
+    max_loras_per_job: int = Field(default=4, ge=0, le=16)      # a payload's `loras`, at most
+    lora_max_bytes: int = Field(default=2_000_000_000, gt=0)    # one LoRA file (named or downloaded)
 
 
 class Defaults(_Strict):
@@ -66,7 +68,8 @@ class OptimizeSpec(_Strict):
 
 class ModelSpec(_Strict):
     # wan: text-to-video and one-frame images; wan_i2v: image-to-video; wan_vace: reference-to-video
-    family: Literal["sdxl", "wan", "wan_i2v", "wan_vace"]
+    # qwen_image: Qwen-Image (text-to-image, inpaint); qwen_image_edit: Qwen-Image-Edit Plus (edit, inpaint)
+    family: Literal["sdxl", "wan", "wan_i2v", "wan_vace", "qwen_image", "qwen_image_edit", "z_image"]
     path: str
     env: str | None = None
     config_path: str | None = None
@@ -74,11 +77,17 @@ class ModelSpec(_Strict):
     optimize: OptimizeSpec = OptimizeSpec()
 
 
+class LoraSpec(_Strict):
+    """An adapter a job type always applies (Qwen-Image's Lightning LoRA): a file in LORAS_DIR."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    weight: float = Field(default=1.0, ge=-4, le=4)
+
+
 class JobTypeSpec(_Strict):
     name: str = ""  # filled from the mapping key
     worker: str
     content: Literal["image", "video"]
-    mode: Literal["txt2img", "img2img", "txt2video", "img2video", "ref2video"]
+    mode: Literal["txt2img", "img2img", "txt2video", "img2video", "ref2video", "edit", "inpaint"]
     model: str
     width: int = Field(ge=64, le=4096, multiple_of=8)
     height: int = Field(ge=64, le=4096, multiple_of=8)
@@ -95,6 +104,7 @@ class JobTypeSpec(_Strict):
     max_attempts: int = Field(ge=1, le=20)
     fallback: str | None = None
     phase: int = Field(ge=1)
+    loras: list[LoraSpec] = []     # applied to every job of this type, before the payload's own
 
     @property
     def content_type(self) -> str:
@@ -109,8 +119,8 @@ class JobTypeSpec(_Strict):
         for bucket in self.buckets:
             if not SAFE_SEGMENT.match(bucket):
                 raise ValueError(f"bucket {bucket!r} is not a safe path segment")
-        if self.mode == "img2img" and self.strength is None:
-            raise ValueError("img2img needs a strength")
+        if self.mode in ("img2img", "inpaint") and self.strength is None:
+            raise ValueError(f"{self.mode} needs a strength")
         if self.content == "video" and (self.frames is None or self.fps is None):
             raise ValueError("video job types need frames and fps")
         return self
@@ -242,6 +252,9 @@ class Settings:
     video_vram_budget_gib: float | None = None  # GPU memory the video worker may use; None: no cap
     health_host: str = "127.0.0.1"  # the orchestrator's /health and /metrics (workers/metrics.py)
     health_port: int = 9464         # 0: no endpoint
+    image_vram_budget_gib: float | None = None  # weights the image worker keeps on the GPU; None: all of them
+    loras_dir: Path | None = None   # LoRA files named by jobs; None: MODELS_DIR/loras
+    lora_url_hosts: tuple[str, ...] = ()  # hosts a job's LoRA URL may name; empty: no URLs
     fallback_routing: bool = True   # FALLBACK_ROUTING=0: sdxl jobs fail instead of running as their fallback
 
     @property
@@ -293,7 +306,14 @@ class Settings:
             video_vram_budget_gib=_positive_or_none(env, "VIDEO_VRAM_BUDGET_GIB"),
             health_host=env.get("HEALTH_HOST") or "127.0.0.1",
             health_port=int(_env_float(env, "HEALTH_PORT", 9464)),
+            image_vram_budget_gib=_positive_or_none(env, "IMAGE_VRAM_BUDGET_GIB"),
+            loras_dir=Path(env["LORAS_DIR"]) if env.get("LORAS_DIR") else None,
+            lora_url_hosts=tuple(h.strip().lower() for h in (env.get("LORA_URL_HOSTS") or "").split(",") if h.strip()),
         )
+
+    @property
+    def lora_folder(self) -> Path:
+        return self.loras_dir or self.models_dir / "loras"
 
     def _resolve(self, relative: str, env_key: str | None) -> Path:
         value = self.model_overrides.get(env_key, "") if env_key else ""

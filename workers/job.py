@@ -15,6 +15,19 @@ from workers.config import SAFE_SEGMENT, Catalog, JobTypeSpec
 from workers.safety import check_prompt
 
 MAX_SEED = 2**32 - 1
+LORA_FAMILIES = ("qwen_image", "qwen_image_edit", "z_image")   # model families whose jobs take `loras`
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One adapter a job asks for: a file in the LoRA folder (`name`) or an allow-listed URL."""
+    name: str | None
+    url: str | None
+    weight: float
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url or ""
 
 
 class JobRejected(Exception):
@@ -47,7 +60,9 @@ class Job:
     payload: dict[str, Any]         # the original payload, for the callback and debugging
     frames: int | None = None       # frames per output (1 for Wan images); None for SDXL
     fps: int | None = None          # video job types
-    reference_images: tuple[str, ...] = ()  # image-to-video (one) and reference-to-video (1..limit) sources
+    reference_images: tuple[str, ...] = ()  # image-to-video (one), reference-to-video and edit (1..limit) sources
+    mask_image: str | None = None   # inpaint: white where the image is repainted; the init image's size
+    loras: tuple[LoraRequest, ...] = ()   # the payload's adapters (the job type's own come from spec.loras)
 
     @property
     def queue_worker(self) -> str:
@@ -159,7 +174,8 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
 
     strength = None
     init_image = None
-    if spec.mode == "img2img":
+    mask_image = None
+    if spec.mode in ("img2img", "inpaint"):
         init_image = _pick(payload, meta, "initImage", "init_image", "imageUrl", "init_image_url", "image")
         if not isinstance(init_image, str) or not init_image:
             raise JobRejected(f"{job_type} needs an init image (initImage: an https URL or a data: URI)", job_id, user_id)
@@ -170,6 +186,15 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise JobRejected(f"strength must be a number in (0, 1], got {str(raw_strength)[:40]!r}", job_id, user_id)
         strength = float(strength)
+    if spec.mode == "inpaint":
+        mask_image = _pick(payload, meta, "maskImage", "mask_image", "mask")
+        if mask_image is None:
+            raise JobRejected(f"{job_type} needs a mask (maskImage: an https URL or a data: URI, white where to paint)",
+                              job_id, user_id)
+        mask_image = _image_source(mask_image, "maskImage", job_id, user_id)
+    loras = _loras(_pick(payload, meta, "loras"), limits.max_loras_per_job, job_id, user_id)
+    if loras and catalog.models[spec.model].family not in LORA_FAMILIES:
+        raise JobRejected(f"{job_type} takes no LoRAs (they work with {', '.join(LORA_FAMILIES)} models)", job_id, user_id)
 
     frames = spec.frames
     if spec.content == "video":
@@ -199,7 +224,32 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         frames=frames,
         fps=spec.fps,
         reference_images=references,
+        mask_image=mask_image,
+        loras=loras,
     )
+
+
+def _loras(value: Any, limit: int, job_id: str, user_id: str) -> tuple[LoraRequest, ...]:
+    """`loras`: a list of {name, weight} (a file in the LoRA folder) or {url, weight} (an https URL on an
+    allow-listed host, checked by the worker). Weight defaults to 1.0."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > limit:
+        raise JobRejected(f"loras must be a list of at most {limit} entries", job_id, user_id)
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or (entry.get("name") is None) == (entry.get("url") is None):
+            raise JobRejected(f"loras[{i}] must be an object with a name or a url (and a weight)", job_id, user_id)
+        name, url, weight = entry.get("name"), entry.get("url"), entry.get("weight", 1.0)
+        if name is not None and (not isinstance(name, str) or not SAFE_SEGMENT.match(name) or ".." in name):
+            raise JobRejected(f"loras[{i}].name {str(name)[:80]!r} is not a LoRA file name", job_id, user_id)
+        if url is not None and (not isinstance(url, str) or not url.startswith("https://") or len(url) > 2000):
+            raise JobRejected(f"loras[{i}].url must be an https URL", job_id, user_id)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -4 <= weight <= 4:
+            raise JobRejected(f"loras[{i}].weight must be a number between -4 and 4, got {str(weight)[:40]!r}",
+                              job_id, user_id)
+        out.append(LoraRequest(name=name, url=url, weight=float(weight)))
+    return tuple(out)
 
 
 def _params(spec: JobTypeSpec, params: Any, max_steps: int, job_id: str, user_id: str) -> tuple[int, int, int, float]:
@@ -234,18 +284,21 @@ def _image_source(value: Any, what: str, job_id: str, user_id: str) -> str:
 
 def _reference_images(spec: JobTypeSpec, payload: dict, meta: dict, limit: int, job_id: str,
                       user_id: str) -> tuple[str, ...]:
-    """img2video: one referenceImage (initImage and imageUrl as well); ref2video: referenceImages, 1..limit."""
+    """img2video: one referenceImage (initImage and imageUrl as well); ref2video and edit: referenceImages,
+    1..limit (edit also takes a single initImage / image as a list of one)."""
     if spec.mode == "img2video":
         value = _pick(payload, meta, "referenceImage", "reference_image", "initImage", "init_image", "imageUrl", "image")
         if value is None:
             raise JobRejected(f"{spec.name} needs a reference image (referenceImage: an https URL or a data: URI)",
                               job_id, user_id)
         return (_image_source(value, "referenceImage", job_id, user_id),)
-    if spec.mode != "ref2video":
+    if spec.mode not in ("ref2video", "edit"):
         return ()
     values = _pick(payload, meta, "referenceImages", "reference_images")
     if values is None:
-        single = _pick(payload, meta, "referenceImage", "reference_image")
+        singles = ("referenceImage", "reference_image") + (
+            ("initImage", "init_image", "imageUrl", "image") if spec.mode == "edit" else ())
+        single = _pick(payload, meta, *singles)
         values = None if single is None else [single]
     if not isinstance(values, list) or not 1 <= len(values) <= limit:
         got = f"{len(values)}" if isinstance(values, list) else "none" if values is None else type(values).__name__

@@ -4,7 +4,7 @@ export interface JobTypeSpec {
   queue: string;
   workerType: string;
   content: "image" | "video";
-  mode: "txt2img" | "img2img" | "txt2video" | "img2video" | "ref2video";
+  mode: "txt2img" | "img2img" | "txt2video" | "img2video" | "ref2video" | "edit" | "inpaint";
   model: string;
   width: number;
   height: number;
@@ -30,7 +30,8 @@ export const LIMITS = {
   "inputImageMaxBytes": 20000000,
   "inputImageMaxPixels": 16777216,
   "payloadMaxBytes": 32000000,
-  "maxReferenceImages": 3
+  "maxReferenceImages": 3,
+  "maxLorasPerJob": 4
 } as const;
 
 export const WORKERS: Record<string, { queue: string; workerType: string; legacyQueues: string[] }> = {
@@ -326,5 +327,130 @@ export const JOB_TYPES: Record<string, JobTypeSpec> = {
     "maxAttempts": 2,
     "fallback": null,
     "phase": 2
+  },
+  "qwen_image_2512": {
+    "name": "qwen_image_2512",
+    "queue": "sdxl_queue",
+    "workerType": "SDXL",
+    "content": "image",
+    "mode": "txt2img",
+    "model": "qwen_image_2512",
+    "width": 1024,
+    "height": 1024,
+    "steps": 50,
+    "guidance": 4.0,
+    "strength": null,
+    "frames": null,
+    "fps": null,
+    "defaultImages": 1,
+    "maxImages": 8,
+    "buckets": [
+      "qwen_image_2512"
+    ],
+    "quality": "high",
+    "expectedSeconds": 25.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 3
+  },
+  "qwen_image_2512_fast": {
+    "name": "qwen_image_2512_fast",
+    "queue": "sdxl_queue",
+    "workerType": "SDXL",
+    "content": "image",
+    "mode": "txt2img",
+    "model": "qwen_image_2512",
+    "width": 1024,
+    "height": 1024,
+    "steps": 4,
+    "guidance": 1.0,
+    "strength": null,
+    "frames": null,
+    "fps": null,
+    "defaultImages": 1,
+    "maxImages": 8,
+    "buckets": [
+      "qwen_image_2512_fast"
+    ],
+    "quality": "fast",
+    "expectedSeconds": 4.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 3
+  },
+  "qwen_image_edit_2511": {
+    "name": "qwen_image_edit_2511",
+    "queue": "sdxl_queue",
+    "workerType": "SDXL",
+    "content": "image",
+    "mode": "edit",
+    "model": "qwen_image_edit_2511",
+    "width": 1024,
+    "height": 1024,
+    "steps": 40,
+    "guidance": 4.0,
+    "strength": null,
+    "frames": null,
+    "fps": null,
+    "defaultImages": 1,
+    "maxImages": 8,
+    "buckets": [
+      "qwen_image_edit_2511"
+    ],
+    "quality": "high",
+    "expectedSeconds": 25.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 3
+  },
+  "qwen_image_inpaint_2511": {
+    "name": "qwen_image_inpaint_2511",
+    "queue": "sdxl_queue",
+    "workerType": "SDXL",
+    "content": "image",
+    "mode": "inpaint",
+    "model": "qwen_image_edit_2511",
+    "width": 1024,
+    "height": 1024,
+    "steps": 40,
+    "guidance": 4.0,
+    "strength": 1.0,
+    "frames": null,
+    "fps": null,
+    "defaultImages": 1,
+    "maxImages": 8,
+    "buckets": [
+      "qwen_image_inpaint_2511"
+    ],
+    "quality": "high",
+    "expectedSeconds": 25.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 3
+  },
+  "z_image_turbo": {
+    "name": "z_image_turbo",
+    "queue": "sdxl_queue",
+    "workerType": "SDXL",
+    "content": "image",
+    "mode": "txt2img",
+    "model": "z_image_turbo",
+    "width": 1024,
+    "height": 1024,
+    "steps": 8,
+    "guidance": 0.0,
+    "strength": null,
+    "frames": null,
+    "fps": null,
+    "defaultImages": 1,
+    "maxImages": 8,
+    "buckets": [
+      "z_image_turbo"
+    ],
+    "quality": "fast",
+    "expectedSeconds": 4.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 3
   }
 };

@@ -81,13 +81,19 @@ export function buildJob(body: Body, userId: string) {
   const initImage = pick(body, meta, "initImage", "init_image", "imageUrl");
   let references: Body = {};
   const strength = pick(body, meta, "strength");
-  if (spec.mode === "img2img") {
+  if (spec.mode === "img2img" || spec.mode === "inpaint") {
     if (typeof initImage !== "string" || !initImage) throw new BadRequest(`${jobType} needs initImage (an https URL or a data:image/... base64 URI)`);
     checkImageInput(initImage);
     if (strength !== undefined && (typeof strength !== "number" || !(strength > 0 && strength <= 1))) {
       throw new BadRequest("strength must be a number in (0, 1]");
     }
-  } else if (spec.mode === "img2video" || spec.mode === "ref2video") {
+    if (spec.mode === "inpaint") {
+      const mask = pick(body, meta, "maskImage", "mask_image", "mask");
+      if (typeof mask !== "string" || !mask) throw new BadRequest(`${jobType} needs maskImage (an https URL or a data:image/... base64 URI)`);
+      checkImageInput(mask, "maskImage");
+      references = { maskImage: mask };
+    }
+  } else if (spec.mode === "img2video" || spec.mode === "ref2video" || spec.mode === "edit") {
     references = checkReferences(jobType, spec.mode, body, meta, initImage, strength);
   } else if (initImage !== undefined || strength !== undefined) {
     throw new BadRequest(`${jobType} takes no initImage or strength`);
@@ -112,6 +118,11 @@ export function buildJob(body: Body, userId: string) {
   if (initImage !== undefined) extras.initImage = initImage;
   if (strength !== undefined) extras.strength = strength;
   if (numFrames !== undefined) extras.numFrames = numFrames;
+  const loras = pick(body, meta, "loras");   // checked by the worker (files, allow-listed hosts, model family)
+  if (loras !== undefined) {
+    if (!Array.isArray(loras) || loras.length > LIMITS.maxLorasPerJob) throw new BadRequest(`loras must be a list of at most ${LIMITS.maxLorasPerJob} entries`);
+    extras.loras = loras;
+  }
   Object.assign(extras, references);
   const payload = {
     jobType, userId, prompt, imageId, videoId,
@@ -151,8 +162,9 @@ function checkReferences(jobType: string, mode: string, body: Body, meta: Body, 
     checkImageInput(image, "referenceImage");
     return single === undefined ? {} : { referenceImage: image };
   }
-  if (initImage !== undefined) throw new BadRequest(`${jobType} takes referenceImages, not initImage`);
-  const images = list ?? (single === undefined ? undefined : [single]);
+  if (initImage !== undefined && mode !== "edit") throw new BadRequest(`${jobType} takes referenceImages, not initImage`);
+  const one = single ?? (mode === "edit" ? initImage : undefined);   // editing: initImage is a list of one
+  const images = list ?? (one === undefined ? undefined : [one]);
   const max = LIMITS.maxReferenceImages;
   if (!Array.isArray(images) || images.length < 1 || images.length > max) {
     throw new BadRequest(`${jobType} needs 1 to ${max} referenceImages (https URLs or data:image/... base64 URIs)`);

@@ -1,0 +1,202 @@
+"""What the flow-matching transformer image families (Qwen-Image, Z-Image) share.
+
+    family = QwenImageFamily.load(opts, limits=..., loras=LoraLibrary(...), kind="qwen_image")
+    family.check(job)                  # ValueError naming the bad input; decodes images, finds and checks LoRAs
+    images = family.generate(job, on_step)
+
+A subclass names its variants (mode → pipeline, built once with `from_pipe`, so the weights exist
+once) and the call arguments of each. Per-job LoRAs (the job type's own, then the payload's) are
+active for the job's call only (workers/pipelines/lora.py). `modules()` and `place()` let the
+residency manager (workers/pipelines/residency.py) move the weights. Importing touches no GPU.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from workers.job import LoraRequest
+from workers.media import ImageLimits, load_labelled_image
+from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
+from workers.pipelines.lora import LoraLibrary, LoraSlots, ResolvedLora
+from workers.pipelines.wan_memory import out_of_memory_reason
+
+log = logging.getLogger(__name__)
+MIN_SIZE, MAX_SIZE = 64, 4096
+
+
+class DiTFamily:
+    name = "dit"
+    what = "image model"                 # for messages
+    pipeline_classes: tuple[str, ...] = ()   # model_index.json `_class_name`s this family loads
+
+    def __init__(self, pipe, variants: dict, device: torch.device, limits: ImageLimits,
+                 loras: LoraLibrary | None, kind: str):
+        self.pipe = pipe                  # the loaded pipeline; `variants` share its modules
+        self.variants = variants          # mode → pipeline
+        self.device = device
+        self.limits = limits
+        self.library = loras
+        self.kind = kind
+        self.slots = LoraSlots(pipe, kind)
+        self.size_multiple = pipe.vae_scale_factor * 2   # VAE downscale × the transformer's 2×2 patches
+        self._prepared: tuple[str, dict] | None = None   # (job_id, inputs) from check()
+        for variant in variants.values():
+            variant.set_progress_bar_config(disable=True)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, opts: LoadOptions, limits: ImageLimits | None = None, loras: LoraLibrary | None = None,
+             kind: str | None = None, **options) -> "DiTFamily":
+        folder = Path(opts.model_path)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ModelUnavailable(f"no {cls.what} checkpoint at {folder} (a diffusers folder with model_index.json)")
+        class_name, accepted = _class_name(index), cls.classes_for(kind or cls.name)
+        if class_name not in accepted:
+            raise ModelUnavailable(f"{folder} holds a {class_name} checkpoint; a {cls.what} one "
+                                   f"({' or '.join(accepted)}) is needed")
+        device = torch.device(opts.device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            pipe = cls._from_folder(folder, class_name, dtype)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise ModelUnavailable(f"could not load the {cls.what} checkpoint at {folder}: "
+                                   f"{type(exc).__name__}: {exc}"[:600]) from exc
+        family = cls(pipe, cls._variants(pipe), device, limits or ImageLimits(), loras, kind or cls.name, **options)
+        log.info("%s loaded from %s (%s)", cls.what, folder, dtype)
+        return family
+
+    @classmethod
+    def classes_for(cls, kind: str) -> tuple[str, ...]:
+        return cls.pipeline_classes
+
+    @classmethod
+    def _from_folder(cls, folder: Path, class_name: str, dtype: torch.dtype):
+        raise NotImplementedError
+
+    @classmethod
+    def _variants(cls, pipe) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ residency
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    def place(self, device: torch.device | str) -> None:
+        for module in self.modules():
+            module.to(device)
+
+    # ------------------------------------------------------------------ validation
+
+    def check(self, job) -> None:
+        """Reject a job before any GPU work: sizes, modes, input images (downloaded and decoded here),
+        LoRAs (found, and matched against this model's layers). Keeps what it decoded for generate()."""
+        self._validate(job)
+        self._prepared = (job.job_id, self._inputs(job))
+
+    def _validate(self, job) -> None:
+        mode = job.spec.mode
+        if mode not in self.variants:
+            raise ModelUnavailable(f"{job.job_type} ({mode}) cannot run on a {self.what} checkpoint "
+                                   f"(it runs {', '.join(self.variants)})")
+        for what, value in (("width", job.width), ("height", job.height)):
+            if not MIN_SIZE <= value <= MAX_SIZE or value % self.size_multiple:
+                raise ValueError(f"{what} {value} must be a multiple of {self.size_multiple} between {MIN_SIZE} "
+                                 f"and {MAX_SIZE} for {self.what}")
+        if job.steps < 1:
+            raise ValueError(f"steps {job.steps} must be at least 1")
+        if job.num_images < 1 or len(job.seeds) != job.num_images:
+            raise ValueError(f"number of images {job.num_images} needs as many seeds (got {len(job.seeds)})")
+        if job.guidance < 0:
+            raise ValueError(f"guidance {job.guidance} must not be negative")
+
+    def _inputs(self, job) -> dict:
+        inputs = {"loras": self._resolve_loras(job)}
+        inputs.update(self._images(job))
+        return inputs
+
+    def _images(self, job) -> dict:
+        return {}   # families with image inputs decode them here
+
+    def _image(self, source: str | None, what: str) -> Image.Image:
+        if not source:
+            raise ValueError(f"{what} is missing")
+        return load_labelled_image(source, self.limits, what)
+
+    def _resolve_loras(self, job) -> list[ResolvedLora]:
+        requests = [LoraRequest(name=s.name, url=None, weight=s.weight) for s in job.spec.loras] + list(job.loras)
+        if not requests:
+            return []
+        if self.library is None:
+            raise ValueError(f"{job.job_type} needs LoRAs, and this worker has no LoRA folder configured")
+        resolved = [self.library.resolve(request) for request in requests]
+        self.slots.check(resolved)
+        return resolved
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, job, on_step: StepCallback) -> list[Image.Image]:
+        """One batch of job.num_images, image i seeded with job.seeds[i]. Exceptions from on_step propagate."""
+        self._validate(job)
+        prepared, self._prepared = self._prepared, None
+        inputs = prepared[1] if prepared and prepared[0] == job.job_id else self._inputs(job)
+        phase = getattr(on_step, "phase", None) or (lambda name: None)
+
+        def step_end(pipeline, step_index, timestep, callback_kwargs):
+            on_step(step_index + 1, pipeline.num_timesteps)
+            if step_index + 1 == pipeline.num_timesteps:
+                phase("decoding")
+            return callback_kwargs
+
+        oom = None
+        try:
+            self.slots.activate(inputs["loras"])
+            phase("generating")
+            generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
+            kwargs = self._call_kwargs(job, inputs)
+            result = self.variants[job.spec.mode](
+                prompt=job.prompt, height=job.height, width=job.width, num_inference_steps=job.steps,
+                num_images_per_prompt=job.num_images, generator=generators, output_type="pt",
+                callback_on_step_end=step_end, **kwargs)
+            images = to_pil(result.images)
+        except Exception as exc:  # noqa: BLE001 — only out-of-memory is handled; the rest propagates
+            oom = out_of_memory_reason(exc)
+            if oom is None:
+                raise
+        finally:
+            self.slots.deactivate()   # never active for a later job, whatever happened here
+        if oom is not None:
+            self.free_memory()   # outside the except block: the traceback's tensors are gone
+            where = "GPU memory" if self.device.type == "cuda" else "memory"
+            raise GenerationOutOfMemory(f"out of {where} generating {job.num_images} image(s) of "
+                                        f"{job.width}x{job.height}: {oom}")
+        return images
+
+    def _call_kwargs(self, job, inputs: dict) -> dict:
+        raise NotImplementedError
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[0, 1] image batch → RGB PIL images; the uint8 conversion runs on the device (one small copy)."""
+    array = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(frame) for frame in array]
+
+
+def _class_name(index: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
