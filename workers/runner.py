@@ -23,6 +23,7 @@ from workers.fallback import fallback_note, reroute_claim
 from workers.callback import CallbackOutbox, completed_body, failed_body, processing_body
 from workers.config import Catalog, Settings
 from workers.job import Job, JobRejected, parse_job
+from workers.logs import job_context
 from workers.metrics import count_job, job_type_label, observe_duration
 from workers.pipelines.base import GenerationOutOfMemory, ModelUnavailable
 from workers.queue import Claim, JobRecords, ReliableQueue
@@ -105,6 +106,14 @@ class Runner:
             return self._reject(claim, JobRejected(f"internal error reading the payload: {type(exc).__name__}", claim.job_id))
         self.current_job = job.job_id
         try:
+            with job_context(job.job_id):   # every log line of this job carries its jobId
+                self._run_guarded(claim, job)
+        finally:
+            self.current_job = None
+
+    def _run_guarded(self, claim: Claim, job: Job) -> None:
+        """`_run`, with one branch per error class."""
+        try:
             self._run(claim, job)
         except JobRejected as exc:
             self._fail(claim, job.job_id, exc.reason)
@@ -131,8 +140,6 @@ class Runner:
         except Exception as exc:                   # a bug: fail this job, keep the worker alive
             log.exception("job %s failed unexpectedly", job.job_id)
             self._fail(claim, job.job_id, f"internal error: {type(exc).__name__}: {exc}"[:500])
-        finally:
-            self.current_job = None
 
     def _run(self, claim: Claim, job: Job) -> None:
         if self.records.status(job.job_id) == "completed":

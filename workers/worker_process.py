@@ -18,6 +18,7 @@ from storage import make_storage
 from workers import faults
 from workers.callback import CallbackOutbox, make_callback_sink
 from workers.config import Catalog, ConfigError, Settings, load_catalog
+from workers.logs import setup_logging  # noqa: F401  (also the entry of the orchestrator and the gateway)
 from workers.queue import JobRecords, ReliableQueue, connect, default_worker_id
 from workers.runner import Runner
 from workers.supervisor import report_ready
@@ -27,11 +28,6 @@ log = logging.getLogger("workers")
 
 # (catalog, settings, model keys) -> (loaded families by model key, load errors by model key)
 ModelLoader = Callable[[Catalog, Settings, list[str]], tuple[dict, dict[str, str]]]
-
-
-def setup_logging(name: str) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stdout,
-                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
 
 
 def run_worker(name: str, load_models: ModelLoader) -> int:
