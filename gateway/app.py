@@ -119,6 +119,8 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
             raise GatewayError(400, "the request body is not valid JSON") from None
         ryla = parse_request(body)
         inputs = job_inputs(catalog, spec, ryla, gateway.loras_dir)
+        if ryla.trigger_word and "loras" in inputs and ryla.trigger_word not in ryla.prompt:
+            ryla.prompt = f"{ryla.trigger_word}, {ryla.prompt}"   # what RYLA's LoRA endpoints do
         queue = catalog.queue_of(spec.name)
         waiting = await client.llen(queue)
         if waiting >= gateway.max_queue_depth:

@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.config import SAFE_SEGMENT, Catalog, JobTypeSpec
+from workers.job import LORA_FAMILIES
 from workers.media import INPUT_FORMATS
 
 # Wan's VAE and patching: sizes in multiples of 16, clips of 4k+1 frames (workers/pipelines/wan.py
@@ -131,9 +132,11 @@ def job_inputs(catalog: Catalog, spec: JobTypeSpec, request: RylaRequest, loras_
     """Payload inputs (workers/submit.new_payload's **inputs) for one request to `spec`'s endpoint."""
     if request.prompt is None or not request.prompt.strip():
         raise GatewayError(400, "prompt is required")
-    if lora_file(request, loras_dir) is not None:
-        raise GatewayError(501, f"LoRA loading is not served for {spec.name} by this pod yet")
-    wan = catalog.models[spec.model].family.startswith("wan")
+    family = catalog.models[spec.model].family
+    lora = lora_file(request, loras_dir)
+    if lora is not None and family not in LORA_FAMILIES:
+        raise GatewayError(501, f"LoRA loading is not served for {spec.name} ({family} models) by this pod")
+    wan = family.startswith("wan")
     multiple = WAN_SIZE_MULTIPLE if wan else 8
     width, height = sized(spec, request, multiple)
     for what, value in (("width", width), ("height", height)):
@@ -143,6 +146,8 @@ def job_inputs(catalog: Catalog, spec: JobTypeSpec, request: RylaRequest, loras_
     params = {"width": width, "height": height, "steps": request.steps, "guidance": guidance}
     inputs: dict[str, Any] = {"seed": request.seed, "negativePrompt": request.negative_prompt,
                               "params": {k: v for k, v in params.items() if v is not None} or None}
+    if lora is not None:    # the worker loads LORAS_DIR/{name}.safetensors for this job only
+        inputs["loras"] = [{"name": lora.stem, "weight": 1.0 if request.lora_strength is None else request.lora_strength}]
     if spec.content == "video":
         frames = request.length or request.num_frames
         if frames is not None and wan and (frames - 1) % WAN_FRAME_MULTIPLE:

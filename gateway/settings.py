@@ -62,7 +62,7 @@ class GatewaySettings:
     price_per_gpu_hour: float = 0.0  # GPU_PRICE_PER_HOUR (USD), for X-Cost-USD
     gpu_type: str | None = None      # GPU_TYPE for X-GPU-Type; unset: nvidia-smi's name, or "cpu"
     user_id: str = "ryla"            # GATEWAY_USER_ID: the storage folder of RYLA's outputs
-    loras_dir: Path = Path("loras")  # LORAS_DIR: character-{lora_id}.safetensors and {lora_name}.safetensors
+    loras_dir: Path = Path("loras")  # the workers' LORAS_DIR: character-{lora_id}.safetensors, {lora_name}.safetensors
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, settings: Settings | None = None) -> "GatewaySettings":
@@ -72,7 +72,6 @@ class GatewaySettings:
         token = env.get("GATEWAY_TOKEN") or None
         if not is_loopback(host) and not token:
             raise ConfigError(f"GATEWAY_HOST={host} is not loopback: set GATEWAY_TOKEN (clients send it as a bearer token)")
-        loras = Path(env.get("LORAS_DIR") or "loras")
         user_id = env.get("GATEWAY_USER_ID") or "ryla"
         if not SAFE_SEGMENT.match(user_id) or ".." in user_id:
             raise ConfigError(f"GATEWAY_USER_ID={user_id!r} is not a safe storage folder name")
@@ -87,5 +86,5 @@ class GatewaySettings:
             price_per_gpu_hour=_number(env, "GPU_PRICE_PER_HOUR", 0.0),
             gpu_type=env.get("GPU_TYPE") or None,
             user_id=user_id,
-            loras_dir=loras if loras.is_absolute() else settings.models_dir / loras,
+            loras_dir=settings.lora_folder,      # the workers' LoRA folder
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -79,7 +80,8 @@ def test_gateway_settings(tmp_path):
     base = {"MODELS_DIR": str(tmp_path)}
     settings = GatewaySettings.from_env(base)
     assert (settings.enabled, settings.host, settings.port, settings.token) == (False, "127.0.0.1", 8000, None)
-    assert settings.loras_dir == tmp_path / "loras"
+    assert settings.loras_dir == tmp_path / "loras"       # the workers' folder (Settings.lora_folder)
+    assert GatewaySettings.from_env({**base, "LORAS_DIR": "/srv/loras"}).loras_dir == Path("/srv/loras")
     assert GatewaySettings.from_env({**base, "GATEWAY_HOST": "::1"}).host == "::1"
     with pytest.raises(ConfigError, match="set GATEWAY_TOKEN"):
         GatewaySettings.from_env({**base, "GATEWAY_HOST": "0.0.0.0"})
@@ -125,3 +127,23 @@ def test_the_orchestrator_supervises_the_gateway_when_enabled(tmp_path, redis_se
     finally:
         supervisor.stop(grace=10)
     assert supervisor.status()["gateway"]["last_exit"] in (0, -15)   # uvicorn re-raises the SIGTERM it handled
+
+
+def test_a_named_lora_goes_to_the_job_on_models_that_take_loras(tmp_path):
+    from gateway.endpoints import GatewayError, RylaRequest, job_inputs
+    from workers.job import LORA_FAMILIES
+    from workers.submit import new_payload
+
+    catalog = load_catalog()
+    spec = next(s for s in catalog.job_types.values() if catalog.models[s.model].family in LORA_FAMILIES)
+    (tmp_path / "character-known.safetensors").write_bytes(b"weights")
+    request = RylaRequest(prompt="a portrait", lora_id="known", lora_strength=0.8)
+    inputs = job_inputs(catalog, spec, request, tmp_path)
+    assert inputs["loras"] == [{"name": "character-known", "weight": 0.8}]
+    job = parse_job(new_payload(catalog, spec.name, "a portrait", "ryla", num_images=1, **inputs), catalog)
+    assert [(lora.name, lora.weight) for lora in job.loras] == [("character-known", 0.8)]
+    with pytest.raises(GatewayError, match="LoRA character-other.safetensors not found"):
+        job_inputs(catalog, spec, RylaRequest(prompt="x", lora_id="other"), tmp_path)
+    with pytest.raises(GatewayError, match=r"not served for sdxl_image_fast \(sdxl models\)") as refused:
+        job_inputs(catalog, catalog.job_types["sdxl_image_fast"], request, tmp_path)
+    assert refused.value.status == 501
