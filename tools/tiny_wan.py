@@ -3,6 +3,8 @@
     folder = build_tiny_wan(tmp_dir / "t2v", "t2v")     # WanPipeline
     folder = build_tiny_wan(tmp_dir / "i2v", "i2v")     # WanImageToVideoPipeline (Wan 2.1 layout: CLIP image encoder)
     folder = build_tiny_wan(tmp_dir / "vace", "vace")   # WanVACEPipeline
+    folder = build_tiny_wan(tmp_dir / "a14b", "a14b")   # Wan 2.2 A14B layout: two transformers, boundary_ratio
+    folder = build_tiny_wan(tmp_dir / "ti2v", "ti2v")   # Wan 2.2 TI2V-5B layout: 48-channel VAE, expand_timesteps
 
 Shapes follow diffusers' own Wan tests (2 layers, 2 heads of 12, VAE base_dim 3). The UMT5 text
 encoder is built from a config, and its tokenizer from a generated unigram vocabulary (every
@@ -22,7 +24,7 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel,
 
 TEXT_DIM = 32
 HEADS, HEAD_DIM = 2, 12
-KINDS = ("t2v", "i2v", "vace")
+KINDS = ("t2v", "i2v", "vace", "a14b", "ti2v")
 
 
 def tiny_umt5_tokenizer() -> T5TokenizerFast:
@@ -50,7 +52,18 @@ def _transformer(kind: str):
         # 16 noise + 4 mask + 16 first-frame latent channels; CLIP image tokens through added K/V.
         return WanTransformer3DModel(in_channels=36, num_layers=2, image_dim=4, added_kv_proj_dim=HEADS * HEAD_DIM,
                                      **common)
+    if kind == "ti2v":
+        return WanTransformer3DModel(in_channels=48, num_layers=2, **{**common, "out_channels": 48})
     return WanTransformer3DModel(in_channels=16, num_layers=2, **common)
+
+
+def _vae(kind: str) -> AutoencoderKLWan:
+    if kind == "ti2v":   # Wan 2.2's VAE: 48 latent channels, 2×2 pixel patches, 16× spatial compression
+        return AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, dim_mult=[1, 1, 1, 1],
+                                num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True,
+                                patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])
 
 
 def tiny_wan_pipeline(kind: str = "t2v"):
@@ -61,8 +74,7 @@ def tiny_wan_pipeline(kind: str = "t2v"):
     # as the real Wan 2.1 checkpoints share UMT5-XXL and the Wan VAE.
     torch.manual_seed(0)
     text_encoder = _text_encoder(len(tokenizer))
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    vae = _vae(kind)
     torch.manual_seed(1)
     transformer = _transformer(kind)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
@@ -75,6 +87,10 @@ def tiny_wan_pipeline(kind: str = "t2v"):
                                        image_processor=CLIPImageProcessor(crop_size=32, size=32), **parts)
     elif kind == "vace":
         pipe = WanVACEPipeline(**parts)
+    elif kind == "a14b":   # high-noise expert first, the low-noise one below boundary_ratio × 1000
+        pipe = WanPipeline(transformer_2=_transformer(kind), boundary_ratio=0.875, **parts)
+    elif kind == "ti2v":
+        pipe = WanPipeline(expand_timesteps=True, **parts)
     else:
         pipe = WanPipeline(**parts)
     return pipe   # float32, as built
