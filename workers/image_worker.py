@@ -1,13 +1,22 @@
-"""Image worker process: SDXL (single-file LUSTIFY checkpoint or a diffusers folder) on sdxl_queue.
+"""Image worker process on sdxl_queue: SDXL (single-file LUSTIFY checkpoint or a diffusers folder),
+Qwen-Image 2512, Qwen-Image-Edit 2511 and Z-Image-Turbo (diffusers folders).
 
+The models share the GPU through workers/pipelines/residency.py: within IMAGE_VRAM_BUDGET_GIB the
+most recently used stay on the GPU, the others wait in pinned CPU memory (or on disk). At start every
+model its job types name is loaded once (in reverse catalog order, so the first ones end resident);
+a missing checkpoint fails only its job types, with the path in the message.
 Run by the orchestrator: python -m workers.image_worker
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 from workers.config import Catalog, Settings
 from workers.worker_process import run_worker
+
+GIB = 2**30
+DEFAULT_BUDGET_FRACTION = 0.7   # of the GPU's memory when IMAGE_VRAM_BUDGET_GIB is unset; the rest: activations
 
 
 def pick_device(requested: str) -> str:
@@ -19,27 +28,67 @@ def pick_device(requested: str) -> str:
 
 
 def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> tuple[dict, dict[str, str]]:
-    """Load every model this worker's job types name, once. A missing one fails its jobs, not the worker."""
-    from workers.pipelines.base import LoadOptions, ModelUnavailable
-    from workers.pipelines.sdxl import ImageLimits, SDXLFamily
+    """Every model this worker's job types name, behind one Residency. Returns (families, errors)."""
+    import torch
 
-    classes = {"sdxl": SDXLFamily}
+    from workers.pipelines.base import ModelUnavailable
+    from workers.pipelines.residency import ResidentFamilies, Residency
+
     device = pick_device(settings.device)
-    families, errors = {}, {}
+    loaders, errors = {}, {}
     for key in model_keys:
-        model = catalog.models[key]
-        family_class = classes.get(model.family)
-        if family_class is None:
-            errors[key] = f"the image worker has no {model.family!r} pipeline"
+        family = catalog.models[key].family
+        if family not in ("sdxl", "qwen_image", "qwen_image_edit", "z_image"):
+            errors[key] = f"the image worker has no {family!r} pipeline"
             continue
-        options = LoadOptions(model_path=settings.model_path(model), config_path=settings.model_config_path(model),
-                              device=device, cache_dir=settings.data_dir / "converted")
+        loaders[key] = functools.partial(_load_one, catalog, settings, key, device)
+    budget = settings.image_vram_budget_gib
+    if budget is None and device == "cuda":
+        budget = torch.cuda.get_device_properties(0).total_memory * DEFAULT_BUDGET_FRACTION / GIB
+    residency = Residency(loaders, device, int(budget * GIB) if budget else None)
+    families = ResidentFamilies(residency)
+    for key in reversed(list(loaders)):
         try:
-            extra = {"accel": family_class.acceleration_for(catalog, key, settings)} if device == "cuda" else {}
-            families[key] = family_class.load(options, limits=ImageLimits.from_catalog(catalog.limits), **extra)
+            residency.make_resident(key)
         except ModelUnavailable as exc:
             errors[key] = str(exc)
+        except torch.cuda.OutOfMemoryError as exc:
+            errors[key] = f"out of GPU memory loading it (set IMAGE_VRAM_BUDGET_GIB lower): {str(exc)[:200]}"
+        if key in errors:
+            del families[key]
+            residency.forget(key)
     return families, errors
+
+
+def _load_one(catalog: Catalog, settings: Settings, key: str, device: str):
+    from workers.media import ImageLimits
+    from workers.pipelines.base import LoadOptions, ModelUnavailable
+
+    model = catalog.models[key]
+    limits = ImageLimits.from_catalog(catalog.limits, timeout=settings.http_timeout)
+    options = LoadOptions(model_path=settings.model_path(model), config_path=settings.model_config_path(model),
+                          device=device, cache_dir=settings.data_dir / "converted")
+    try:
+        if model.family == "sdxl":
+            from workers.pipelines.sdxl import SDXLFamily
+
+            extra = {"accel": SDXLFamily.acceleration_for(catalog, key, settings)} if device == "cuda" else {}
+            return SDXLFamily.load(options, limits=limits, **extra)
+        from workers.pipelines.lora import LoraLibrary
+
+        library = LoraLibrary(settings.lora_folder, settings.lora_url_hosts, catalog.limits.lora_max_bytes,
+                              download_dir=settings.data_dir / "loras", timeout=10 * settings.http_timeout)
+        if model.family == "z_image":
+            from workers.pipelines.z_image import ZImageFamily
+
+            return ZImageFamily.load(options, limits=limits, loras=library)
+        from workers.pipelines.qwen_image import QwenImageFamily
+
+        return QwenImageFamily.load(options, limits=limits, loras=library, kind=model.family,
+                                    max_references=catalog.limits.max_reference_images)
+    except ModelUnavailable as exc:
+        hint = f"; set {model.env} (absolute, or relative to MODELS_DIR)" if model.env else ""
+        raise ModelUnavailable(f"{exc}{hint}" if model.env and model.env not in str(exc) else str(exc)) from None
 
 
 if __name__ == "__main__":

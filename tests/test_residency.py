@@ -1,0 +1,126 @@
+"""workers/pipelines/residency.py: three tiny models (Qwen-Image, Z-Image, SDXL) under a budget that
+fits two. Eviction order, cold / warm / resident reports, and outputs after a swap equal those before."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tools.small_catalog import small_catalog
+from workers.job import parse_job
+from workers.pipelines.base import LoadOptions, ModelUnavailable
+from workers.pipelines.qwen_image import QwenImageFamily
+from workers.pipelines.residency import Residency, ResidentFamilies, family_modules, weight_bytes
+from workers.pipelines.sdxl import SDXLFamily
+from workers.pipelines.z_image import ZImageFamily
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    return small_catalog(tmp_path_factory.mktemp("catalog"), steps=2)
+
+
+@pytest.fixture
+def loads(tiny_image_models, tiny_sdxl):
+    """Loaders as the image worker builds them, counting how often each reads its checkpoint."""
+    counts = {"qwen": 0, "zimage": 0, "sdxl": 0}
+
+    def opts(path):
+        return LoadOptions(model_path=path, config_path=None, device="cpu", cache_dir=None)
+
+    def counted(key, load):
+        def loader():
+            counts[key] += 1
+            return load()
+        return loader
+
+    loaders = {
+        "qwen": counted("qwen", lambda: QwenImageFamily.load(opts(tiny_image_models.qwen), kind="qwen_image")),
+        "zimage": counted("zimage", lambda: ZImageFamily.load(opts(tiny_image_models.zimage))),
+        "sdxl": counted("sdxl", lambda: SDXLFamily.load(opts(tiny_sdxl.folder))),
+    }
+    return loaders, counts
+
+
+def job(catalog, job_type, seed=7):
+    return parse_job({"jobId": f"job-{job_type}-{seed}", "userId": "u", "jobType": job_type, "prompt": "a boat",
+                      "seed": seed, "numImages": 1}, catalog)
+
+
+def run(families, key, job) -> np.ndarray:
+    fields = {}
+
+    def on_step(step, total):
+        pass
+
+    on_step.record = fields.update
+    families[key].check(job)
+    image = families[key].generate(job, on_step)[0]
+    return np.asarray(image), fields
+
+
+def sizes(loaders) -> dict[str, int]:
+    return {key: weight_bytes(family_modules(load())) for key, load in loaders.items()}
+
+
+def test_three_models_in_a_budget_for_two(loads, catalog):
+    loaders, counts = loads
+    size = sizes(loaders)
+    counts.update(dict.fromkeys(counts, 0))
+    two_largest = sum(sorted(size.values())[1:])
+    states: dict[str, str] = {}
+    residency = Residency(loaders, "cpu", budget_bytes=two_largest, host_reserve_bytes=0)
+    residency.publish_to(states)
+    families = ResidentFamilies(residency)
+    assert states == dict.fromkeys(loaders, "not loaded")
+
+    qwen_job, z_job, sdxl_job = job(catalog, "qwen_image_2512"), job(catalog, "z_image_turbo"), job(catalog, "sdxl_image_fast")
+    qwen_first, report = run(families, "qwen", qwen_job)
+    assert report["residency"] == "cold" and report["swap_ms"] > 0 and report["evicted"] is None
+    z_first, report = run(families, "zimage", z_job)
+    assert report["residency"] == "cold" and residency.resident_keys() == ["qwen", "zimage"]
+    assert run(families, "qwen", qwen_job)[1]["residency"] == "resident"
+
+    # SDXL needs room: the least recently used (Z-Image) leaves the device, Qwen stays.
+    _, report = run(families, "sdxl", sdxl_job)
+    assert report["residency"] == "cold" and report["evicted"] == ["zimage"]
+    assert residency.evictions == ["zimage"] and states["zimage"].startswith("warm")
+    assert states["qwen"].startswith("resident") and states["sdxl"].startswith("resident")
+
+    # Back to Z-Image: warm (from CPU memory, not from disk); now Qwen is the least recently used.
+    z_again, report = run(families, "zimage", z_job)
+    assert report == {"residency": "warm", "swap_ms": report["swap_ms"], "evicted": ["qwen"]}
+    qwen_again, report = run(families, "qwen", qwen_job)
+    assert report["residency"] == "warm" and report["evicted"] == ["sdxl"]
+    assert residency.evictions == ["zimage", "qwen", "sdxl"]
+    assert counts == {"qwen": 1, "zimage": 1, "sdxl": 1}     # each checkpoint read once
+    assert np.array_equal(z_again, z_first) and np.array_equal(qwen_again, qwen_first)
+
+
+def test_short_of_ram_a_model_is_dropped_and_reloads_cold(loads, catalog):
+    loaders, counts = loads
+    size = sizes(loaders)
+    budget = max(size["zimage"], size["qwen"])       # one of the two at a time
+    counts.update(dict.fromkeys(counts, 0))
+    residency = Residency(loaders, "cpu", budget_bytes=budget, host_reserve_bytes=1 << 60)   # never enough RAM
+    families = ResidentFamilies(residency)
+    first, _ = run(families, "zimage", job(catalog, "z_image_turbo"))
+    run(families, "qwen", job(catalog, "qwen_image_2512"))
+    assert residency.entries["zimage"].family is None and residency.states["zimage"] == "not loaded"
+    again, report = run(families, "zimage", job(catalog, "z_image_turbo"))
+    assert report["residency"] == "cold" and counts["zimage"] == 2
+    assert np.array_equal(again, first)
+
+
+def test_no_budget_keeps_everything_and_a_missing_checkpoint_fails_its_jobs(loads, catalog, tmp_path):
+    loaders, _ = loads
+    missing = {"gone": lambda: ZImageFamily.load(LoadOptions(model_path=tmp_path / "nope", config_path=None,
+                                                             device="cpu", cache_dir=None))}
+    residency = Residency({**loaders, **missing}, "cpu", budget_bytes=None)
+    families = ResidentFamilies(residency)
+    for key in loaders:
+        residency.make_resident(key)
+    assert residency.resident_keys() == list(loaders) and residency.evictions == []
+    with pytest.raises(ModelUnavailable, match="no Z-Image checkpoint"):
+        families["gone"].check(job(catalog, "z_image_turbo"))
+    residency.forget("gone")
+    assert "gone" not in residency.states

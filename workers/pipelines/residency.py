@@ -1,0 +1,201 @@
+"""Several image models in one worker: which hold GPU memory, within a budget.
+
+    residency = Residency({"qwen_image_2512": load_qwen, ...}, device, budget_bytes=60 * 2**30)
+    family = residency.loaded(key)          # loads from disk when needed (cold); no GPU work for DiT families
+    report = residency.make_resident(key)   # {"residency": "cold" | "warm" | "resident", "swap_ms": ...}
+
+The most recently used models stay on the GPU while their weights fit `budget_bytes`; to make room,
+the least recently used go to pinned CPU memory (a later swap back is a fast host-to-device copy),
+or are dropped when that would leave less than `host_reserve_bytes` of RAM (they load from disk
+again, cold). A model whose weights CUDA graphs point at (SDXL with graphs) is never moved.
+`budget_bytes=None`: no limit, every model stays where it loaded. `states` (model → a short line)
+is kept current for the worker's heartbeat, and so for /health and `dual_orchestrator.py queues`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+import torch
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+
+
+@dataclass
+class _Entry:
+    family: object | None = None
+    where: str = "unloaded"           # "device", "host" or "unloaded"
+    nbytes: int = 0
+    load_ms: float | None = None      # a load from disk not yet reported to a job (cold)
+
+
+def family_modules(family) -> list[torch.nn.Module]:
+    """Unique modules of a family's pipeline (DiT families say so; SDXL's is `txt2img`)."""
+    if hasattr(family, "modules"):
+        return family.modules()
+    pipe = getattr(family, "txt2img", None) or getattr(family, "pipe")
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
+def weight_bytes(modules: list[torch.nn.Module]) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def pinned(family) -> bool:
+    """CUDA graphs replay fixed weight addresses: a graphed SDXL must stay where it was captured."""
+    return getattr(family, "graphed", None) is not None
+
+
+class Residency:
+    def __init__(self, loaders: dict[str, Callable[[], object]], device: torch.device | str,
+                 budget_bytes: int | None = None, host_reserve_bytes: int = 8 * GIB,
+                 states: dict[str, str] | None = None):
+        self.loaders = loaders
+        self.device = torch.device(device)
+        self.budget = budget_bytes
+        self.host_reserve = host_reserve_bytes
+        self.entries: OrderedDict[str, _Entry] = OrderedDict((key, _Entry()) for key in loaders)  # LRU first
+        self.states = {} if states is None else states
+        self.evictions: list[str] = []     # keys, in the order they left the GPU (tests, logs)
+        self._lock = threading.Lock()      # the heartbeat thread reads `states` while jobs move models
+        self._publish()
+
+    # --- what the worker calls ------------------------------------------------------------
+    def loaded(self, key: str):
+        """The family, loaded from disk if it is not in memory (then its next job reports cold)."""
+        entry = self.entries[key]
+        if entry.family is None:
+            started = time.perf_counter()
+            family = self.loaders[key]()   # ModelUnavailable propagates: the job fails with the reason
+            entry.family, entry.nbytes = family, weight_bytes(family_modules(family))
+            entry.where = self._where(family)
+            entry.load_ms = (time.perf_counter() - started) * 1000
+            log.info("model %s loaded (%.1f GiB) in %.0f ms", key, entry.nbytes / GIB, entry.load_ms)
+            self._publish()
+        return entry.family
+
+    def make_resident(self, key: str) -> dict:
+        """Put `key` on the device, moving others out as the budget needs. Returns what the job reports."""
+        family = self.loaded(key)
+        entry = self.entries[key]
+        started = time.perf_counter()
+        cold_ms, entry.load_ms = entry.load_ms, None
+        state = "cold" if cold_ms is not None else ("resident" if entry.where == "device" else "warm")
+        evicted = self._make_room(key)   # also after a load straight onto the device (SDXL)
+        if entry.where != "device":
+            self._move(family, self.device)
+            entry.where = "device"
+        self.entries.move_to_end(key)
+        swap_ms = (time.perf_counter() - started) * 1000 + (cold_ms or 0.0)
+        self._publish()
+        if state != "resident":
+            log.info("model %s %s in %.0f ms (moved out: %s)", key, state, swap_ms, ", ".join(evicted) or "none")
+        return {"residency": state, "swap_ms": round(swap_ms, 1), "evicted": evicted}
+
+    def forget(self, key: str) -> None:
+        """A model that cannot load (missing checkpoint): its jobs fail with the reason instead."""
+        self.loaders.pop(key, None)
+        self.entries.pop(key, None)
+        self.states.pop(key, None)
+
+    def publish_to(self, states: dict[str, str]) -> None:
+        """Keep `states` (model → "resident, 12.30 GiB", "warm (CPU memory), …", "not loaded") current."""
+        self.states = states
+        self._publish()
+
+    def resident_keys(self) -> list[str]:
+        return [key for key, entry in self.entries.items() if entry.where == "device"]
+
+    # --- moving weights -------------------------------------------------------------------
+    def _make_room(self, key: str) -> list[str]:
+        if self.budget is None:
+            return []
+        evicted, needed = [], self.entries[key].nbytes
+        for other in list(self.entries):   # least recently used first
+            used = sum(e.nbytes for k, e in self.entries.items() if e.where == "device" and k != key)
+            if used + needed <= self.budget:
+                break
+            entry = self.entries[other]
+            if other == key or entry.where != "device" or pinned(entry.family):
+                continue
+            self._evict(other, entry)
+            evicted.append(other)
+        return evicted
+
+    def _evict(self, key: str, entry: _Entry) -> None:
+        started = time.perf_counter()
+        if psutil.virtual_memory().available - entry.nbytes < self.host_reserve:
+            entry.family, entry.where = None, "unloaded"    # RAM is short: read from disk next time
+            how = "dropped (RAM short)"
+        else:
+            self._move(entry.family, torch.device("cpu"))
+            entry.where = "host"
+            how = "moved to pinned CPU memory" if self.device.type == "cuda" else "moved to CPU memory"
+        self.evictions.append(key)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("model %s %s in %.0f ms", key, how, (time.perf_counter() - started) * 1000)
+
+    def _move(self, family, device: torch.device) -> None:
+        for module in family_modules(family):
+            module.to(device, non_blocking=device.type == "cuda")
+            if device.type == "cpu" and self.device.type == "cuda":
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    tensor.data = tensor.data.pin_memory()   # page-locked: the way back is a fast DMA copy
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _where(self, family) -> str:
+        """Right after a load. On a CPU-only worker weights count as on the device once a job made
+        them resident, so the bookkeeping (budget, order, reports) is the same as on a GPU."""
+        first = next((p for m in family_modules(family) for p in m.parameters()), None)
+        return "device" if self.device.type == "cuda" and first is not None and first.is_cuda else "host"
+
+    def _publish(self) -> None:
+        with self._lock:
+            for key, entry in self.entries.items():
+                where = {"device": "resident", "host": "warm (CPU memory)", "unloaded": "not loaded"}[entry.where]
+                size = f", {entry.nbytes / GIB:.2f} GiB" if entry.family is not None else ""
+                self.states[key] = f"{where}{size}"
+
+
+class ResidentFamily:
+    """A model as the runner sees it: `check` runs on the model in memory (loaded if need be, no GPU
+    work), `generate` once it is on the device; the job's record gets how it got there."""
+
+    def __init__(self, residency: Residency, key: str):
+        self.residency = residency
+        self.key = key
+
+    def check(self, job) -> None:
+        family = self.residency.loaded(self.key)
+        if job.loras and not hasattr(family, "slots"):
+            raise ValueError(f"{job.job_type} takes no LoRAs")
+        family.check(job)
+
+    def generate(self, job, on_step):
+        report = self.residency.make_resident(self.key)
+        record = getattr(on_step, "record", None)
+        if record is not None:   # the runner's job record: cold / warm / resident and the swap time
+            record(residency=report["residency"], swap_ms=report["swap_ms"], evicted=report["evicted"] or None)
+        return self.residency.loaded(self.key).generate(job, on_step)
+
+
+class ResidentFamilies(dict):
+    """model key → ResidentFamily, with the Residency behind them (the worker publishes its states)."""
+
+    def __init__(self, residency: Residency):
+        super().__init__((key, ResidentFamily(residency, key)) for key in residency.loaders)
+        self.residency = residency
