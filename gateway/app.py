@@ -143,26 +143,33 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
     return app
 
 
+def serves(state: str | None) -> bool:
+    """A worker's model state ("loaded", "resident, …", "warm …", "not loaded" under residency: loads
+    on demand) serves jobs unless it is "unavailable: why"."""
+    return state is not None and not state.startswith("unavailable")
+
+
 async def readiness(catalog: Catalog, client, gpu_type: str) -> JSONResponse:
-    """Each endpoint: served (its job type is in the catalog) and ready (a live worker loaded its model)."""
+    """Each endpoint: served (its job type is in the catalog) and ready (a live worker can run its model)."""
     models: dict[str, str] = {}
     for worker in catalog.workers.values():
         for member in await client.smembers(f"{worker.queue}:workers"):
             beat = await client.get(f"worker:{member.decode()}")
             for key, state in (json.loads(beat).get("models") or {}).items() if beat else ():
-                if models.get(key) != "loaded":
+                if not serves(models.get(key)):
                     models[key] = state
+    missing = "no live worker has loaded it"
     endpoints = {}
     for name, entry in catalog.ryla.items():
         spec = catalog.job_type(entry.job_type) if entry.job_type else None
         if spec is None:
             endpoints[name] = {"served": False, "ready": False, "needs": entry.needs}
             continue
-        state = models.get(spec.model, "no live worker has loaded it")
-        endpoints[name] = {"served": True, "ready": state == "loaded", "job_type": spec.name, "model": spec.model,
-                           **({} if state == "loaded" else {"detail": state})}
+        state = models.get(spec.model)
+        endpoints[name] = {"served": True, "ready": serves(state), "job_type": spec.name, "model": spec.model,
+                           **({} if serves(state) else {"detail": state or missing})}
     served = {e["model"] for e in endpoints.values() if e["served"]}
-    report = {key: models.get(key, "no live worker has loaded it") for key in sorted(served)}
-    ready = all(state == "loaded" for state in report.values())
+    report = {key: models.get(key, missing) for key in sorted(served)}
+    ready = all(serves(models.get(key)) for key in served)
     return JSONResponse({"status": "ready" if ready else "degraded", "gpu_type": gpu_type, "models": report,
                          "endpoints": endpoints}, 200 if ready else 503)

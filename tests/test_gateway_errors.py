@@ -70,7 +70,7 @@ BAD_REQUESTS = [
     ("/sdxl-lightning", {"prompt": "x", "lora_id": "nobody"}, 404, "LoRA character-nobody.safetensors not found"),
     ("/sdxl-lightning", {"prompt": "x", "lora_name": "../secrets"}, 400, "is not a plain file name"),
     ("/no-such-model", {"prompt": "x"}, 404, "unknown endpoint /no-such-model"),
-    ("/sdxl-lightning", {"prompt": "x", "lora_id": "known"}, 501, "LoRA loading is not served for sdxl_image_fast"),
+    ("/wan2.6", {"prompt": "x", "lora_id": "known"}, 501, "LoRA loading is not served for video_fast (wan models)"),
     ("/flux-dev", {"prompt": "x"}, 501, "/flux-dev is not served by this pod: it needs a Flux Dev job type"),
     ("/sdxl-instantid", {"prompt": "x"}, 501, "InstantID"),
     ("/seedvr2", {"image": "x"}, 501, "SeedVR2 upscaler"),

@@ -144,6 +144,13 @@ def test_a_named_lora_goes_to_the_job_on_models_that_take_loras(tmp_path):
     assert [(lora.name, lora.weight) for lora in job.loras] == [("character-known", 0.8)]
     with pytest.raises(GatewayError, match="LoRA character-other.safetensors not found"):
         job_inputs(catalog, spec, RylaRequest(prompt="x", lora_id="other"), tmp_path)
-    with pytest.raises(GatewayError, match=r"not served for sdxl_image_fast \(sdxl models\)") as refused:
-        job_inputs(catalog, catalog.job_types["sdxl_image_fast"], request, tmp_path)
+    with pytest.raises(GatewayError, match=r"not served for video_fast \(wan models\)") as refused:
+        job_inputs(catalog, catalog.job_types["video_fast"], request, tmp_path)
     assert refused.value.status == 501
+
+
+def test_a_model_serves_unless_its_worker_says_unavailable():
+    from gateway.app import serves
+
+    assert serves("loaded") and serves("resident, 0.01 GiB") and serves("not loaded")
+    assert not serves(None) and not serves("unavailable: no checkpoint at /models/x")
