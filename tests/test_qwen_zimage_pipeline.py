@@ -156,7 +156,7 @@ def test_refusals_before_the_worker(catalog):
     with pytest.raises(JobRejected, match="needs 1 to 3 reference images"):
         make_job(catalog, "qwen_image_edit_2511")
     with pytest.raises(JobRejected, match="takes no LoRAs"):
-        make_job(catalog, "sdxl_image_fast", loras=[{"name": "qwen-character"}])
+        make_job(catalog, "video_fast", loras=[{"name": "qwen-character"}])
     with pytest.raises(JobRejected, match=r"loras\[0\].name"):
         make_job(catalog, "z_image_turbo", loras=[{"name": "../etc/passwd"}])
     with pytest.raises(JobRejected, match="at most 4"):

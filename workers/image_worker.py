@@ -68,16 +68,16 @@ def _load_one(catalog: Catalog, settings: Settings, key: str, device: str):
     limits = ImageLimits.from_catalog(catalog.limits, timeout=settings.http_timeout)
     options = LoadOptions(model_path=settings.model_path(model), config_path=settings.model_config_path(model),
                           device=device, cache_dir=settings.data_dir / "converted")
+    from workers.pipelines.lora import LoraLibrary
+
+    library = LoraLibrary(settings.lora_folder, settings.lora_url_hosts, catalog.limits.lora_max_bytes,
+                          download_dir=settings.data_dir / "loras", timeout=10 * settings.http_timeout)
     try:
         if model.family == "sdxl":
             from workers.pipelines.sdxl import SDXLFamily
 
             extra = {"accel": SDXLFamily.acceleration_for(catalog, key, settings)} if device == "cuda" else {}
-            return SDXLFamily.load(options, limits=limits, **extra)
-        from workers.pipelines.lora import LoraLibrary
-
-        library = LoraLibrary(settings.lora_folder, settings.lora_url_hosts, catalog.limits.lora_max_bytes,
-                              download_dir=settings.data_dir / "loras", timeout=10 * settings.http_timeout)
+            return SDXLFamily.load(options, limits=limits, loras=library, **extra)
         if model.family == "z_image":
             from workers.pipelines.z_image import ZImageFamily
 

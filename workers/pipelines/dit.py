@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from workers.job import LoraRequest
 from workers.media import ImageLimits, load_labelled_image
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
-from workers.pipelines.lora import LoraLibrary, LoraSlots, ResolvedLora
+from workers.pipelines.lora import LoraLibrary, LoraSlots, ResolvedLora, resolve_job_loras
 from workers.pipelines.wan_memory import out_of_memory_reason
 
 log = logging.getLogger(__name__)
@@ -130,14 +129,7 @@ class DiTFamily:
         return load_labelled_image(source, self.limits, what)
 
     def _resolve_loras(self, job) -> list[ResolvedLora]:
-        requests = [LoraRequest(name=s.name, url=None, weight=s.weight) for s in job.spec.loras] + list(job.loras)
-        if not requests:
-            return []
-        if self.library is None:
-            raise ValueError(f"{job.job_type} needs LoRAs, and this worker has no LoRA folder configured")
-        resolved = [self.library.resolve(request) for request in requests]
-        self.slots.check(resolved)
-        return resolved
+        return resolve_job_loras(job, self.library, self.slots)
 
     # ------------------------------------------------------------------ generation
 

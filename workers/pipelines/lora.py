@@ -14,6 +14,7 @@ calls only the base layers, so its output is bit-identical to a pipeline that ne
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -220,3 +221,38 @@ def _shapes_fit(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> bool
     if re.search(r"lora_B|lora_up|lora\.up", key):
         return tensor.dim() >= 2 and tensor.shape[0] == fan_out
     return True
+
+
+def resolve_job_loras(job, library: LoraLibrary | None, slots: LoraSlots) -> list[ResolvedLora]:
+    """The job type's own adapters, then the payload's: found, and checked against the model's layers."""
+    requests = [LoraRequest(name=s.name, url=None, weight=s.weight) for s in job.spec.loras] + list(job.loras)
+    if not requests:
+        return []
+    if library is None:
+        raise ValueError(f"{job.job_type} needs LoRAs, and this worker has no LoRA folder configured")
+    resolved = [library.resolve(request) for request in requests]
+    slots.check(resolved)
+    return resolved
+
+
+class JobLoras:
+    """The LoRA half of a family's check() and generate(): resolved and checked in check(), active
+    during the pipeline call only."""
+
+    def __init__(self, pipe, family: str, library: LoraLibrary | None = None):
+        self.library = library
+        self.slots = LoraSlots(pipe, family)
+        self._prepared: tuple[str, list[ResolvedLora]] | None = None
+
+    def check(self, job) -> None:
+        self._prepared = (job.job_id, resolve_job_loras(job, self.library, self.slots))
+
+    @contextlib.contextmanager
+    def active(self, job):
+        prepared, self._prepared = self._prepared, None
+        resolved = prepared[1] if prepared and prepared[0] == job.job_id else resolve_job_loras(job, self.library, self.slots)
+        try:
+            self.slots.activate(resolved)
+            yield
+        finally:
+            self.slots.deactivate()   # never active for a later job, whatever happened

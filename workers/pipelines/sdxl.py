@@ -32,6 +32,7 @@ from workers.media import ImageLimits, load_input_image
 from workers.pipelines import accel as acceleration
 from workers.pipelines.accel import Acceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
+from workers.pipelines.lora import JobLoras, LoraLibrary
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,14 @@ class SDXLFamily:
         self._prepared: tuple[str, Image.Image] | None = None  # (job_id, decoded init image) from check()
         self.graphed: acceleration.GraphedUNet | None = None
         self.accel_report: dict = {"applied": "none"}
+        self.job_loras = JobLoras(txt2img, "sdxl")   # per-job adapters on the shared UNet and text encoders
+        self.slots = self.job_loras.slots
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, opts: LoadOptions, limits: ImageLimits | None = None,
-             accel: Acceleration | None = None) -> "SDXLFamily":
+             accel: Acceleration | None = None, loras: LoraLibrary | None = None) -> "SDXLFamily":
         device = torch.device(opts.device)
         # bf16 on CUDA: fp16's range overflows in the SDXL VAE, bf16's does not, so no fp32 upcast.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -93,6 +96,7 @@ class SDXLFamily:
             pipe.vae.register_to_config(force_upcast=False)
         pipe.to(device)
         family = cls(pipe, device, limits or ImageLimits(), source)
+        family.job_loras.library = loras
         if device.type == "cuda" and accel is not None and not accel.is_off:
             family.accelerate(accel)
         return family
@@ -190,6 +194,11 @@ class SDXLFamily:
         """Reject a job before any GPU work. For img2img also download/decode the init image and keep
         it for the following generate() of the same job (so a bad image fails here, not mid-batch)."""
         self._validate(job)
+        if job.loras and self.accel_report.get("applied", "none") != "none":
+            # Fused projections and captured CUDA graphs would ignore (or refuse) an adapter.
+            raise ValueError(f"{job.job_type} cannot take LoRAs on this worker: SDXL runs accelerated "
+                             "(fused layers, CUDA graphs); OPTIMIZE=0 serves SDXL LoRAs")
+        self.job_loras.check(job)
         if job.spec.mode == "img2img":
             self._prepared = (job.job_id, self._load_init_image(job))
 
@@ -253,16 +262,17 @@ class SDXLFamily:
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
         oom = None
         try:
-            result = pipe(
-                prompt=[job.prompt] * n,
-                negative_prompt=[job.negative_prompt] * n,
-                num_inference_steps=job.steps,
-                guidance_scale=job.guidance,
-                generator=generators,
-                callback_on_step_end=step_end,
-                output_type="pt",
-                **kwargs,
-            )
+            with self.job_loras.active(job):
+                result = pipe(
+                    prompt=[job.prompt] * n,
+                    negative_prompt=[job.negative_prompt] * n,
+                    num_inference_steps=job.steps,
+                    guidance_scale=job.guidance,
+                    generator=generators,
+                    callback_on_step_end=step_end,
+                    output_type="pt",
+                    **kwargs,
+                )
             images = _to_pil(result.images)
         except torch.cuda.OutOfMemoryError as exc:
             oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
