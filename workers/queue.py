@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -91,14 +91,23 @@ class ReliableQueue:
         self.r.set(self.heartbeat_key, json.dumps(body), px=int(self.heartbeat_ttl * 1000))
 
     # --- claim / ack ------------------------------------------------------------------------
-    def claim(self, timeout: float) -> Claim | None:
-        """Block up to `timeout` seconds for the oldest job; it moves atomically to our processing list."""
-        raw = self.r.blmove(self.queue, self.processing, timeout, "RIGHT", "LEFT")
+    def claim(self, timeout: float, prefer: Collection[str] = (), window: int = 8, max_skips: int = 3) -> Claim | None:
+        """Block up to `timeout` seconds for the oldest job; it moves atomically to our processing list.
+
+        `prefer` (job types, e.g. those of the models already on the GPU): among the `window` oldest
+        jobs, the oldest of a preferred type goes first, unless the oldest job has already been passed
+        over `max_skips` times (counted in its record): nothing waits forever."""
+        raw = self._claim_preferred(prefer, window, max_skips) if prefer else None
+        if raw is None:
+            raw = self.r.blmove(self.queue, self.processing, timeout, "RIGHT", "LEFT")
         if raw is None:
             return None
         job_id = job_id_of(raw)
         attempts = int(self.r.hincrby(job_key(job_id), "attempts", 1)) if job_id else 1
         return Claim(raw=raw, job_id=job_id, attempts=attempts)
+
+    def _claim_preferred(self, prefer: Collection[str], window: int, max_skips: int) -> bytes | None:
+        return self.r.eval(_CLAIM_PREFERRED, 2, self.queue, self.processing, window, max_skips, *sorted(prefer)) or None
 
     def ack(self, claim: Claim) -> None:
         self.r.lrem(self.processing, 1, claim.raw)
@@ -146,6 +155,38 @@ class ReliableQueue:
             while self.r.lmove(legacy, self.queue, "RIGHT", "LEFT") is not None:
                 moved += 1
         return moved
+
+
+# KEYS: queue, processing list. ARGV: window, max skips, preferred job types. Returns the claimed
+# payload, or false for "claim the oldest as usual" (no preferred job in the window, the oldest is
+# preferred itself, or it was passed over too often already).
+_CLAIM_PREFERRED = """
+local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+local n = #items
+if n < 2 then return false end
+local preferred = {}
+for i = 3, #ARGV do preferred[ARGV[i]] = true end
+local function fields(raw)
+  local ok, body = pcall(cjson.decode, raw)
+  if ok and type(body) == 'table' then return body['jobType'], body['jobId'] end
+  return nil, nil
+end
+local oldest_type, oldest_id = fields(items[n])
+if oldest_type ~= nil and preferred[oldest_type] then return false end
+for i = n - 1, 1, -1 do
+  local job_type = fields(items[i])
+  if job_type ~= nil and preferred[job_type] then
+    if type(oldest_id) ~= 'string' or
+       redis.call('HINCRBY', 'job:' .. oldest_id, 'skipped', 1) > tonumber(ARGV[2]) then
+      return false
+    end
+    redis.call('LREM', KEYS[1], -1, items[i])
+    redis.call('LPUSH', KEYS[2], items[i])
+    return items[i]
+  end
+end
+return false
+"""
 
 
 def processing_key(queue: str, worker_id: str) -> str:

@@ -76,7 +76,7 @@ class Runner:
         while not self.stop.graceful.is_set():
             try:
                 self.maintenance()
-                claim = self.queue.claim(self.settings.claim_timeout)
+                claim = self.queue.claim(self.settings.claim_timeout, prefer=self._preferred_job_types())
                 if claim is not None:
                     self.handle(claim)
                 backoff = 0.5
@@ -84,6 +84,14 @@ class Runner:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 self.stop.graceful.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    def _preferred_job_types(self) -> list[str]:
+        """Job types of the models on the GPU, when the worker swaps models (pipelines/residency.py)."""
+        residency = getattr(self.families, "residency", None)
+        if residency is None or residency.budget is None:
+            return []
+        resident = set(residency.resident_keys())
+        return [name for name, spec in self.catalog.job_types.items() if spec.model in resident]
 
     def maintenance(self, force: bool = False) -> None:
         now = self.clock()
