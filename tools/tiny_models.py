@@ -142,6 +142,7 @@ def install_demo_models(models_dir: Path) -> None:
         written.rename(Path(models_dir) / DEMO_JOB_TYPES)
         written.parent.rmdir()
     _install_tiny_wan(Path(models_dir), catalog)
+    _install_tiny_image_models(Path(models_dir), catalog)
     if target.exists():
         print(f"demo models already in {models_dir}")
         return
@@ -163,6 +164,29 @@ def _install_tiny_wan(models_dir: Path, catalog) -> None:
         if model.family in kinds and not (target / "model_index.json").exists():
             build_tiny_wan(target, kinds[model.family])
             print(f"tiny random-weight Wan ({kinds[model.family]}) written to {target} (outputs are noise)")
+
+
+def _install_tiny_image_models(models_dir: Path, catalog) -> None:
+    """Tiny Qwen-Image, Qwen-Image-Edit and Z-Image folders where job_types.yaml expects them, and a
+    random stand-in for each LoRA a job type names (the fast tier's Lightning LoRA) in models_dir/loras."""
+    from tools.tiny_lora import build_tiny_lora
+    from tools.tiny_qwen import build_tiny_qwen, tiny_qwen_pipeline
+    from tools.tiny_zimage import build_tiny_zimage
+
+    builders = {"qwen_image": lambda t: build_tiny_qwen(t, "t2i"), "qwen_image_edit": lambda t: build_tiny_qwen(t, "edit"),
+                "z_image": build_tiny_zimage}
+    for model in catalog.models.values():
+        target = models_dir / model.path
+        if model.family in builders and not (target / "model_index.json").exists():
+            builders[model.family](target)
+            print(f"tiny random-weight {model.family} written to {target} (outputs are noise)")
+    for spec in catalog.job_types.values():
+        for lora in spec.loras:
+            path = models_dir / "loras" / f"{lora.name}.safetensors"
+            if not path.exists():
+                build_tiny_lora(tiny_qwen_pipeline("t2i", models_dir / ".scratch"), path)
+                shutil.rmtree(models_dir / ".scratch", ignore_errors=True)
+                print(f"tiny random stand-in for the LoRA {lora.name} written to {path}")
 
 
 if __name__ == "__main__":
