@@ -64,6 +64,8 @@ test("every job type goes to its queue; positions count per queue", async () => 
     if (spec.mode === "img2img") Object.assign(body, { initImage: PNG_1PX, strength: 0.5 });
     if (spec.mode === "img2video") Object.assign(body, { referenceImage: PNG_1PX });
     if (spec.mode === "ref2video") Object.assign(body, { referenceImages: [PNG_1PX, PNG_1PX] });
+    if (spec.mode === "edit") Object.assign(body, { referenceImages: [PNG_1PX] });
+    if (spec.mode === "inpaint") Object.assign(body, { initImage: PNG_1PX, maskImage: PNG_1PX });
     const res = await call(body, token);
     assertStrictEquals(res.status, 200, `${name}: ${JSON.stringify(res.body)}`);
     seen[spec.queue] = (seen[spec.queue] ?? 0) + 1;
