@@ -178,6 +178,11 @@ class _Files(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if self.path.startswith("/redirect"):   # /redirect?to=URL
+            self.send_response(302)
+            self.send_header("Location", self.path.split("to=", 1)[1])
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         body = self.files.get(self.path)
         self.send_response(200 if body else 404)
         self.send_header("Content-Length", str(len(body or b"")))
@@ -201,5 +206,9 @@ def test_a_lora_url_downloads_once_by_content_within_the_limit(library, tiny_ima
             downloader._download(f"{base}/big.safetensors")
         with pytest.raises(ValueError, match="HTTP 404"):
             downloader._download(f"{base}/missing.safetensors")
+        # A redirect is followed to an allow-listed host only (hubs answer with their CDN's address).
+        assert downloader._download(f"{base}/redirect?to={base}/style.safetensors") == resolved
+        with pytest.raises(ValueError, match="host 'localhost' is not allowed"):
+            downloader._download(f"{base}/redirect?to=http://localhost:{server.server_port}/style.safetensors")
     finally:
         server.shutdown()

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import torch
@@ -102,11 +102,25 @@ class LoraLibrary:
             self._digests[key] = sha.hexdigest()
         return self._digests[key]
 
-    def _download(self, url: str) -> Path:
+    def _allowed(self, url: str) -> None:
         host = (urlsplit(url).hostname or "").lower()
         if not self.url_hosts or host not in self.url_hosts:
             allowed = ", ".join(self.url_hosts) or "none: set LORA_URL_HOSTS"
             raise ValueError(f"LoRA URL host {host[:100]!r} is not allowed (allowed: {allowed})")
+
+    def _open(self, url: str) -> requests.Response:
+        """GET, following at most 5 redirects, each to an allow-listed host (hubs redirect to their CDN)."""
+        for _ in range(6):
+            self._allowed(url)
+            response = requests.get(url, stream=True, timeout=30, allow_redirects=False)
+            if not response.is_redirect:
+                return response
+            url = urljoin(url, response.headers["Location"])
+            response.close()
+        raise ValueError("LoRA URL redirects more than 5 times")
+
+    def _download(self, url: str) -> Path:
+        self._allowed(url)
         cached = self._downloaded.get(url)
         if cached is not None and cached.is_file():
             return cached
@@ -114,7 +128,7 @@ class LoraLibrary:
         tmp = self.download_dir / f".part-{os.getpid()}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
         sha, size, deadline = hashlib.sha256(), 0, time.monotonic() + self.timeout
         try:
-            with requests.get(url, stream=True, timeout=30, allow_redirects=False) as response, open(tmp, "wb") as out:
+            with self._open(url) as response, open(tmp, "wb") as out:
                 if response.status_code != 200:
                     raise ValueError(f"LoRA download failed: HTTP {response.status_code} from {url[:200]}")
                 for chunk in response.iter_content(_CHUNK):

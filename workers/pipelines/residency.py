@@ -23,6 +23,8 @@ from typing import Callable
 import psutil
 import torch
 
+from workers.pipelines.base import GenerationOutOfMemory
+
 log = logging.getLogger(__name__)
 GIB = 2**30
 
@@ -95,7 +97,12 @@ class Residency:
         state = "cold" if cold_ms is not None else ("resident" if entry.where == "device" else "warm")
         evicted = self._make_room(key)   # also after a load straight onto the device (SDXL)
         if entry.where != "device":
-            self._move(family, self.device)
+            try:
+                self._move(family, self.device)
+            except torch.cuda.OutOfMemoryError:
+                self._move(family, torch.device("cpu"))   # not half on the GPU: the next job tries again
+                self._publish()
+                raise
             entry.where = "device"
         self.entries.move_to_end(key)
         swap_ms = (time.perf_counter() - started) * 1000 + (cold_ms or 0.0)
@@ -115,6 +122,10 @@ class Residency:
         self.states = states
         self._publish()
 
+    def free_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def resident_keys(self) -> list[str]:
         return [key for key, entry in self.entries.items() if entry.where == "device"]
 
@@ -132,6 +143,10 @@ class Residency:
                 continue
             self._evict(other, entry)
             evicted.append(other)
+        used = sum(e.nbytes for k, e in self.entries.items() if e.where == "device" and k != key)
+        if used + needed > self.budget:
+            log.warning("model %s (%.1f GiB) does not fit the %.1f GiB budget beside what cannot move (%.1f GiB)",
+                        key, needed / GIB, self.budget / GIB, used / GIB)
         return evicted
 
     def _evict(self, key: str, entry: _Entry) -> None:
@@ -186,7 +201,12 @@ class ResidentFamily:
         family.check(job)
 
     def generate(self, job, on_step):
-        report = self.residency.make_resident(self.key)
+        try:
+            report = self.residency.make_resident(self.key)
+        except torch.cuda.OutOfMemoryError as exc:
+            self.residency.free_cache()
+            raise GenerationOutOfMemory(f"out of GPU memory moving {self.key} onto the GPU: "
+                                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'CUDA out of memory'}") from None
         record = getattr(on_step, "record", None)
         if record is not None:   # the runner's job record: cold / warm / resident and the swap time
             record(residency=report["residency"], swap_ms=report["swap_ms"], evicted=report["evicted"] or None)
