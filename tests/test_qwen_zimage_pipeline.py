@@ -139,7 +139,8 @@ def test_inpaint_and_edit_share_the_loaded_weights(qwen_edit, catalog):
      "picture 2 is not a decodable image"),
     ("qwen_image_2512", {"loras": [{"name": "nobody"}]}, "unknown LoRA 'nobody'"),
     ("qwen_image_2512", {"loras": [{"name": "z-character"}]}, "does not fit qwen_image: it looks like a Z-Image LoRA"),
-    ("qwen_image_2512", {"loras": [{"url": "https://elsewhere.example/x.safetensors"}]}, "host 'elsewhere.example' is not allowed"),
+    ("qwen_image_2512", {"loras": [{"url": "https://elsewhere.example/x.safetensors"}]},
+     "host 'elsewhere.example' is not allowed"),
 ])
 def test_bad_inputs_are_refused_in_check(qwen, qwen_edit, catalog, job_type, payload, fragment):
     family = qwen_edit if job_type.startswith("qwen_image_edit") or "inpaint" in job_type else qwen

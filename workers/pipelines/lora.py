@@ -41,7 +41,9 @@ _FAMILY_HINTS = (
     ("Flux", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
     ("Wan", re.compile(r"(^|\.)blocks\.\d+\.(self_attn|cross_attn|ffn)")),
 )
-_LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_magnitude_vector)(\.[^.]+)?(\.weight)?$|\.alpha$")
+# The suffix that turns a layer's name into one of its adapter's weights (diffusers, PEFT, kohya, DoRA).
+_LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_magnitude_vector)"
+                        r"(\.[^.]+)?(\.weight)?$|\.alpha$")
 
 
 @dataclass(frozen=True)
