@@ -72,7 +72,7 @@ def test_new_image_job_types_through_redis(tmp_path, redis_server, redis_client,
         beat = json.loads(redis_client.get(f"worker:{env['WORKER_ID']}"))
         states = beat["models"]
         assert set(states) == {"lustify_sdxl", "qwen_image_2512", "qwen_image_edit_2511", "z_image_turbo"}
-        assert sum(s.startswith("resident") for s in states.values()) == 2, states
-        assert all(s.startswith(("resident", "warm")) for s in states.values()), states
+        resident = [key for key, state in states.items() if state.startswith("resident")]
+        assert 1 <= len(resident) < 4 and all(s.startswith(("resident", "warm")) for s in states.values()), states
     finally:
         assert worker.stop() == 0
