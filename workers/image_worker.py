@@ -2,9 +2,9 @@
 Qwen-Image 2512, Qwen-Image-Edit 2511 and Z-Image-Turbo (diffusers folders).
 
 The models share the GPU through workers/pipelines/residency.py: within IMAGE_VRAM_BUDGET_GIB the
-most recently used stay on the GPU, the others wait in pinned CPU memory (or on disk). At start every
-model its job types name is loaded once (in reverse catalog order, so the first ones end resident);
-a missing checkpoint fails only its job types, with the path in the message.
+most recently used stay on the GPU, the others wait in pinned CPU memory (or on disk). At start the
+models that fit the budget together are loaded, in catalog order; the others load on their first
+job. A missing checkpoint fails only its job types, with the path in the message.
 Run by the orchestrator: python -m workers.image_worker
 """
 from __future__ import annotations
@@ -47,17 +47,32 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
         budget = torch.cuda.get_device_properties(0).total_memory * DEFAULT_BUDGET_FRACTION / GIB
     residency = Residency(loaders, device, int(budget * GIB) if budget else None)
     families = ResidentFamilies(residency)
-    for key in reversed(list(loaders)):
-        try:
-            residency.make_resident(key)
-        except ModelUnavailable as exc:
-            errors[key] = str(exc)
-        except torch.cuda.OutOfMemoryError as exc:
-            errors[key] = f"out of GPU memory loading it (set IMAGE_VRAM_BUDGET_GIB lower): {str(exc)[:200]}"
+    planned = 0   # bytes on disk of the models loaded so far: what fits is loaded now, the rest on demand
+    for key in [k for k in catalog.models if k in loaders]:   # catalog order: the first models are the main ones
+        path = settings.model_path(catalog.models[key])
+        if not path.exists():
+            try:
+                loaders[key]()   # fails at once, with the family's own message naming the path and the variable
+            except ModelUnavailable as exc:
+                errors[key] = str(exc)
+        elif budget is None or planned + disk_bytes(path) <= budget * GIB:
+            planned += disk_bytes(path)
+            try:
+                residency.make_resident(key)
+            except ModelUnavailable as exc:
+                errors[key] = str(exc)
+            except torch.cuda.OutOfMemoryError as exc:
+                errors[key] = f"out of GPU memory loading it (set IMAGE_VRAM_BUDGET_GIB lower): {str(exc)[:200]}"
         if key in errors:
             del families[key]
             residency.forget(key)
     return families, errors
+
+
+def disk_bytes(path) -> int:
+    """Weights on disk under `path` (a file or a folder): about what they take in memory at bf16."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]
+    return sum(p.stat().st_size for p in files)
 
 
 def _load_one(catalog: Catalog, settings: Settings, key: str, device: str):
