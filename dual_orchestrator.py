@@ -132,11 +132,18 @@ def cmd_submit(args) -> int:
 
     payload = new_payload(catalog, args.job_type, args.prompt, args.user, num_images=args.num_images, bucket=args.bucket,
                           seed=args.seed, initImage=_as_image_source(args.init_image) if args.init_image else None,
-                          referenceImages=[_as_image_source(v) for v in args.reference_image] if args.reference_image else None)
+                          referenceImages=[_as_image_source(v) for v in args.reference_image] if args.reference_image else None,
+                          maskImage=_as_image_source(args.mask_image) if args.mask_image else None,
+                          loras=[_lora(v) for v in args.lora] if args.lora else None)
     client = _redis(settings)
     enqueue(client, catalog, payload)
     print(payload["jobId"], flush=True)
     return _watch(client, payload["jobId"], settings) if args.wait else 0
+
+
+def _lora(value: str) -> dict:
+    name, _, weight = value.partition(":")
+    return {"name": name, "weight": float(weight) if weight else 1.0}
 
 
 def cmd_status(args) -> int:
@@ -191,7 +198,8 @@ def _watch(client, job_id: str, settings, poll: float = 0.2) -> int:
         if view != last:
             last = view
             step = f" step {view[2]}/{view[3]}" if view[2] not in (None, "0") else ""
-            print(f"{job_id} {view[0] or 'unknown'} {view[1] or ''}{step}".rstrip(), flush=True)
+            model = f" (model {record['residency']}, {record.get('swap_ms')} ms)" if record.get("residency") else ""
+            print(f"{job_id} {view[0] or 'unknown'} {view[1] or ''}{step}".rstrip() + model, flush=True)
         if record.get("status") in TERMINAL:
             if record["status"] == "failed":
                 print(f"error: {record.get('error')}", flush=True)
@@ -246,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--init-image", help="img2img source or image-to-video first frame: a file, an http(s) URL or a data: URI")
     submit.add_argument("--reference-image", action="append",
                         help="reference-to-video: a picture of the character (repeat for up to 3)")
+    submit.add_argument("--mask-image", help="inpainting mask (white: repaint): a file, an http(s) URL or a data: URI")
+    submit.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
+                        help="a LoRA file in LORAS_DIR (without .safetensors), weight 1 by default; repeatable")
     submit.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     submit.set_defaults(func=cmd_submit)
     status = sub.add_parser("status", help="show a job's status")
