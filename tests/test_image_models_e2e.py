@@ -13,6 +13,8 @@ from PIL import Image
 from tests.fixtures.tiny_image_models import LIGHTNING
 from tests.worker_harness import USER, WorkerProcess, contract_payload, push, wait_for, worker_env
 from tools.small_catalog import write_small_job_types
+from workers.config import load_catalog
+from workers.metrics import health
 
 
 def image_uri(size=(64, 64), color=(200, 30, 30), mode="RGB") -> str:
@@ -73,6 +75,8 @@ def test_new_image_job_types_through_redis(tmp_path, redis_server, redis_client,
         beat = json.loads(redis_client.get(f"worker:{env['WORKER_ID']}"))
         states = beat["models"]
         assert set(states) == {"lustify_sdxl", "qwen_image_2512", "qwen_image_edit_2511", "z_image_turbo"}
+        _, report = health({"image": {"state": "running"}}, redis_client, load_catalog(env["JOB_TYPES_FILE"]))
+        assert report["workers"]["image"][0]["models"] == states     # /health shows what is resident
         resident = [key for key, state in states.items() if state.startswith("resident")]
         assert 1 <= len(resident) < 4 and all(s.startswith(("resident", "warm")) for s in states.values()), states
     finally:
