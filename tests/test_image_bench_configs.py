@@ -20,3 +20,20 @@ def test_real_size_configs_match_the_released_models():
     assert billions(zimage["transformer"]) == pytest.approx(6.15, abs=0.1)    # Z-Image: 6B single-stream DiT
     assert billions(zimage["text_encoder"]) == pytest.approx(4.0, abs=0.1)    # Qwen3-4B
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_as_family_wraps_an_in_memory_pipeline_like_the_worker(tmp_path):
+    """The bench times the production family on pipelines it built in memory; here on the tiny ones."""
+    from bench.image_models import as_family
+    from tools.small_catalog import small_catalog
+    from tools.tiny_qwen import tiny_qwen_pipeline
+    from tools.tiny_zimage import tiny_zimage_pipeline
+    from workers.job import parse_job
+
+    catalog = small_catalog(tmp_path / "catalog", steps=1)
+    for pipe, kind, job_type in ((tiny_qwen_pipeline("t2i", tmp_path / "q"), "qwen_image", "qwen_image_2512"),
+                                 (tiny_zimage_pipeline(tmp_path / "z"), "z_image", "z_image_turbo")):
+        family = as_family(pipe, kind)
+        job = parse_job({"jobId": "j", "userId": "u", "jobType": job_type, "prompt": "x", "seed": 1}, catalog)
+        family.check(job)
+        assert [image.size for image in family.generate(job, lambda step, total: None)] == [(64, 64)]
