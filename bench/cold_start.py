@@ -1,6 +1,11 @@
-"""Cold start, measured in a fresh process: process start → SDXL family ready → first job finished.
+"""Cold start, measured in a fresh process: process start → family ready → first job finished.
 
     python -m bench.cold_start --t0 WALLCLOCK --model FOLDER --data-dir DIR [--compile blocks] [--size 1024]
+    python -m bench.cold_start --family wan --t0 WALLCLOCK --model FOLDER --data-dir DIR
+
+SDXL: one sdxl_image_fast image, then (--all-jobs) the 6-image job. Wan (the video worker's load:
+the catalog's optimize block): video_fast, then image_fast at its default_images. Peak GPU memory
+of the process (allocated and reserved by PyTorch) is reported: one worker's share of the card.
 
 Prints one line `COLD {json}` with seconds since --t0 (the parent's time.time() just before it
 started this process, so interpreter start and imports count). Run by bench.run after the
@@ -25,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,6", help="warm-up batch sizes when --compile is not config")
     ap.add_argument("--steps", type=int, default=None, help="override the job's steps (tiny smoke runs)")
     ap.add_argument("--job-types", default=None, help="catalog file (default: the repository's)")
+    ap.add_argument("--family", default="sdxl", choices=("sdxl", "wan"))
+    ap.add_argument("--all-jobs", action="store_true", help="SDXL: also the 6-image job after the first")
     args = ap.parse_args(argv)
     t0 = args.t0 if args.t0 is not None else time.time()
     marks = {}
@@ -43,6 +50,8 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = Path(args.data_dir)
     catalog = load_catalog(args.job_types)
+    if args.family == "wan":
+        return wan_main(args, t0, marks, catalog, device, data)
     job = make_job(catalog, "sdxl_image_fast", 1)
     accel = None
     if args.compile == "config":
@@ -61,8 +70,54 @@ def main(argv=None) -> int:
         job = dataclasses.replace(job, steps=args.steps)
     project_call(family, job, LocalStorage(data / "storage"))
     marks["first_job_done"] = time.time() - t0
+    if args.all_jobs:
+        t1 = time.time()
+        project_call(family, make_job(catalog, "sdxl_image_fast", 6), LocalStorage(data / "storage"))
+        marks["x6_job_s"] = time.time() - t1
+    marks.update(peak_memory())
     marks["accel"] = family.accel_report
     marks["compile_stats"] = compile_stats()
+    print("COLD " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in marks.items()}), flush=True)
+    return 0
+
+
+def peak_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "card_used_now_gib": (total - free) / 2**30}
+
+
+def wan_main(args, t0: float, marks: dict, catalog, device: str, data) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from bench.wan_bench import MODEL_KEY, make_job, project_call
+    from storage.local import LocalStorage
+    from workers.config import Settings
+    from workers.pipelines.base import LoadOptions
+    from workers.pipelines.wan import WanFamily
+    from workers.pipelines.wan_accel import WanAcceleration
+
+    accel = WanAcceleration.for_model(catalog, MODEL_KEY, Settings.from_env({"DATA_DIR": str(data)}))
+    family = WanFamily.load(LoadOptions(model_path=Path(args.model), config_path=None, device=device, cache_dir=None),
+                            accel=accel)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    marks["ready"] = time.time() - t0
+    storage = LocalStorage(data / "storage")
+    for name in ("video_fast", "image_fast"):
+        t1 = time.time()
+        project_call(family, make_job(catalog, name), storage)
+        marks[f"{name}_job_s"] = time.time() - t1
+        if name == "video_fast":
+            marks["first_job_done"] = time.time() - t0
+    marks["accel"] = family.accel_report
+    marks.update(peak_memory())
     print("COLD " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in marks.items()}), flush=True)
     return 0
 

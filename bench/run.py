@@ -7,9 +7,10 @@
 Parts, in order (each skipped when the time left is under its estimate, each failure reported and
 the next part run): build (real-size random-weight SDXL saved as a diffusers folder), plain, refs
 (fp32 and bf16 plain references for the numerics), stages (attribution of each lever on
-sdxl_image_fast), project (the production path: job_types.yaml's optimize block), wan, cold (a
-fresh process: ready / first job with the warm compile cache), alt (the other compile mode, batch 1
-only), queue (CPU part). Prints a table last and writes the JSON file.
+sdxl_image_fast), project (the production path: job_types.yaml's optimize block), wan (plain
+WanPipeline, the project's WanFamily eager and with its default regional compile), cold (a fresh
+process: ready / first job with the warm compile cache), alt (the other compile mode, batch 1 only),
+coldalt (a fresh process in that mode, warm cache), queue (CPU part). Prints a table last and writes the JSON file.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ import torch  # noqa: E402
 
 from bench.common import Report  # noqa: E402
 
-ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 40, "cold": 120,
-             "alt": 90, "queue": 10}
-GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt")
+ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 400, "cold": 90,
+             "alt": 150, "coldalt": 90, "resident": 120, "queue": 10}
+GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident")
 
 
 def versions() -> dict:
@@ -69,9 +70,13 @@ def section(report: Report, parts: set, name: str, fn, state: dict) -> None:
         report.meta.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
 
 
-def run_cold(report: Report, state: dict) -> None:
+def run_cold(report: Report, state: dict, compile_mode: str | None = None) -> None:
+    """A fresh process after the in-process part filled the compile cache: the warm-cache restart.
+    compile_mode None: the catalog's optimize block; else that mode, warmed at batch 1 only (as alt)."""
     data = state["work"] / "data"
     cmd = [sys.executable, "-m", "bench.cold_start", "--t0", "", "--model", str(state["folder"]), "--data-dir", str(data)]
+    if compile_mode:
+        cmd += ["--compile", compile_mode, "--batches", "1", "--size", str(state["size"])]
     if state["tiny"]:
         cmd += ["--job-types", str(state["catalog_file"])]
     t0 = time.time()
@@ -81,14 +86,57 @@ def run_cold(report: Report, state: dict) -> None:
     if line is None:
         raise RuntimeError(f"cold start child failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
     result = json.loads(line[5:])
-    report.meta["cold_start_warm_cache"] = result
-    variant = state["project_variant"]
+    variant = state["project_variant"] if compile_mode is None else state["alt_variant"]
+    report.meta.setdefault("cold_start_warm_cache", {})[variant] = result
     in_process = report.meta.get("project_load", {}).get(variant, {})
     report.row("sdxl time to ready (warm compile cache)", f"fresh process, {variant}", [result["ready"]],
                first_job_done_s=result["first_job_done"], imports_s=result["imports"])
     if in_process:
         report.row("sdxl load + compile + warm-up (cold cache)", f"in process, {variant}", [in_process["load_and_warmup_s"]],
                    note="after imports; compile cache empty")
+
+
+def cold_child(report: Report, state: dict, family: str, model: Path) -> dict:
+    cmd = [sys.executable, "-m", "bench.cold_start", "--family", family, "--all-jobs", "--model", str(model),
+           "--data-dir", str(state["work"] / "data"), "--t0", repr(time.time())]
+    if state["tiny"]:
+        cmd += ["--job-types", str(state["catalog_file"])]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(60, report.left() - 20))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")), None)
+    if line is None:
+        raise RuntimeError(f"{family} child failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
+    return json.loads(line[5:])
+
+
+def run_resident(report: Report, state: dict) -> None:
+    """Each worker in its own fresh process, as in production: first on an empty compile cache, then
+    again on the cache the first filled. Rows: time to ready, first job, each process's peak GPU memory
+    (PyTorch reserved); the card holds both processes, so their sum (+ ~0.5 GiB CUDA context each) is
+    the peak with both workers resident."""
+    from bench.wan_bench import build_real_wan, build_tiny_wan
+
+    wan = state["work"] / "wan"
+    if not (wan / "model_index.json").exists():
+        build_tiny_wan(wan) if state["tiny"] else build_real_wan(wan, state["device"])
+    families = [(f, m) for f, m in (("sdxl", state["folder"]), ("wan", wan)) if f in state["resident"]]
+    for cache in ("cold", "warm"):
+        peaks = 0.0
+        for family, model in families:
+            if report.left() < 60:
+                report.note(f"resident: {family} {cache} skipped, {report.left():.0f}s left")
+                return
+            r = cold_child(report, state, family, model)
+            report.meta.setdefault("resident", {})[f"{family} {cache}"] = r
+            peaks += r.get("peak_reserved_gib", 0.0)
+            jobs = {k: round(v, 2) for k, v in r.items() if k.endswith("_job_s")}
+            report.row(f"{family} time to ready ({cache} compile cache)", "fresh process, job_types.yaml optimize",
+                       [r["ready"]], first_job_done_s=r["first_job_done"], imports_s=r["imports"],
+                       peak_alloc_gib=round(r.get("peak_alloc_gib", 0.0), 2),
+                       peak_reserved_gib=round(r.get("peak_reserved_gib", 0.0), 2), **jobs)
+        if len(families) < 2:
+            continue
+        report.row(f"both workers resident ({cache})", "sum of the two processes' peak reserved", None,
+                   peak_reserved_gib=round(peaks, 2))
 
 
 def main(argv=None) -> int:
@@ -98,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default=None, help=f"comma-separated, default: {','.join(GPU_PARTS)} on a GPU, queue on a CPU")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per job after one warm-up")
     ap.add_argument("--tiny", action="store_true", help="tiny random models and 64x64 jobs: a smoke run")
+    ap.add_argument("--resident", default="sdxl,wan", help="families the resident part starts (fresh processes)")
     ap.add_argument("--work-dir", default=None, help="models, storage and compile cache (default: a new temp dir)")
     args = ap.parse_args(argv)
 
@@ -108,7 +157,8 @@ def main(argv=None) -> int:
     report.say("versions", json.dumps(report.meta))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    state = {"work": work, "folder": work / "sdxl", "tiny": args.tiny, "device": device}
+    state = {"work": work, "folder": work / "sdxl", "tiny": args.tiny, "device": device,
+             "resident": args.resident.split(",")}
 
     if parts & set(GPU_PARTS):
         from bench import sdxl_bench as S
@@ -124,11 +174,13 @@ def main(argv=None) -> int:
         jobs = [S.make_job(catalog, t, n) for t, n in S.JOBS]
         fast = jobs[0]
         size = (fast.width, fast.height)
+        state["size"] = fast.width
         state.update(catalog=catalog, jobs=jobs, plain={}, fp32=None, flops=None, storage=LocalStorage(work / "storage"))
         # The production configuration: the catalog's optimize block, as the image worker reads it.
         project_accel = SDXLFamily.acceleration_for(catalog, fast.spec.model, Settings.from_env({"DATA_DIR": str(work / "data")}))
         state["project_variant"] = f"project default: compile={project_accel.compile} + CUDA graphs"
         other = "blocks" if project_accel.compile == "unet" else "unet"
+        state["alt_variant"] = f"project: compile={other} + CUDA graphs"
 
         def build(st):
             if (st["folder"] / "model_index.json").exists():
@@ -155,17 +207,19 @@ def main(argv=None) -> int:
         def wan(st):
             from bench.wan_bench import run_wan
 
-            run_wan(report, catalog, device, tiny=args.tiny)
+            run_wan(report, catalog, work, device, st["storage"], runs=args.runs, tiny=args.tiny)
 
         def alt(st):
             accel = dataclasses.replace(project_accel, compile=other, warmup=((1, *size),))
             S.run_project(report, st["folder"], jobs[:2], device, st["storage"], st["plain"], st["fp32"], st["flops"],
-                          args.runs, accel, f"project: compile={other} + CUDA graphs", check_job=S.label(fast.job_type, 1))
+                          args.runs, accel, st["alt_variant"], check_job=S.label(fast.job_type, 1))
 
         if device == "cpu":
             parts -= {"stages"}  # CUDA graphs need a GPU
         for name, fn in (("build", build), ("plain", plain), ("refs", refs), ("stages", stages), ("project", project),
-                         ("wan", wan), ("cold", lambda st: run_cold(report, st)), ("alt", alt)):
+                         ("wan", wan), ("cold", lambda st: run_cold(report, st)), ("alt", alt),
+                         ("coldalt", lambda st: run_cold(report, st, other)),
+                         ("resident", lambda st: run_resident(report, st))):
             section(report, parts, name, fn, state)
 
     if "queue" in parts:

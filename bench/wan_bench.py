@@ -1,105 +1,211 @@
-"""Wan 2.1 1.3B part: plain diffusers, composed from measured pieces (as the reference script).
+"""Wan 2.1 1.3B part: plain diffusers next to the project's WanFamily, same folder, seeds, sizes, prompts.
 
-A whole 15-step 81-frame job would take about 20 s a run; four runs do not fit the device time, so
-the job time is composed: steps × (one CFG step, measured) + VAE decode (measured) + MP4 encoding
-(measured, OpenCV's mp4v). Text encoding (UMT5-XXL, about 0.03 s) is not included. The project's
-Wan family is benchmarked here once workers/pipelines/wan.py exists (WAN_PROJECT below).
+Real-size architecture (transformer 1.3 B, UMT5-XXL text encoder, Wan VAE), random weights, saved once
+as a diffusers folder. Plain diffusers runs as its Wan docs show (bf16, VAE fp32, pipe(prompt=...)),
+then encodes the same MP4 / PNGs as the worker (same encoder, so only the pipeline differs). The
+project runs the whole job as the video worker does: check → generate (text encoding, denoising,
+VAE decode, uint8 frames) → MP4 + thumbnail (or PNGs) → upload to local storage. Then the same
+family with wan_accel (regional compile of the transformer blocks, warmed up) as in production.
+Jobs: video_fast (the catalog's frames, steps, size) and image_fast at its default_images.
 """
 from __future__ import annotations
 
-import importlib.util
-import tempfile
+import io
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import PEAK_TFLOPS, Report, peak_gib, reset_peak, timed
+from bench.common import PEAK_TFLOPS, Report, peak_gib, rel_err, reset_peak, timed
+
+JOB_TYPES = ("video_fast", "image_fast")
+PROMPT = "a lighthouse at dusk, waves, slow camera pan"
+MODEL_KEY = "wan_2_1_1_3b"
 
 
-def project_wan_available() -> bool:
-    return importlib.util.find_spec("workers.pipelines.wan") is not None
+def build_real_wan(folder: Path, device: str) -> None:
+    """Wan 2.1 T2V 1.3B's configs (transformer, UMT5-XXL, VAE, UniPC), random weights."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
+    from tools.tiny_wan import tiny_umt5_tokenizer
 
-def build_transformer(device: str, tiny: bool):
-    from diffusers import WanTransformer3DModel
-
-    if tiny:
-        kw = dict(num_attention_heads=2, attention_head_dim=12, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2)
-    else:
-        kw = dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30)
     torch.manual_seed(0)
     with torch.device(device):
-        return WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
-                                     qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
-                                     rope_max_seq_len=1024, **kw).to(torch.bfloat16).eval()
+        te = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                         num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                                         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                         decoder_start_token_id=0, tie_word_embeddings=False)).to(torch.bfloat16)
+        tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                                   added_kv_proj_dim=None, rope_max_seq_len=1024).to(torch.bfloat16)
+        vae = AutoencoderKLWan()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    num_train_timesteps=1000)
+    WanPipeline(tokenizer=tiny_umt5_tokenizer(), text_encoder=te, vae=vae, scheduler=sched,
+                transformer=tr).save_pretrained(folder, safe_serialization=True)
 
 
-def mp4_seconds(frames_uint8) -> float | None:
-    """Encode (T, H, W, 3) uint8 RGB frames to an MP4 with OpenCV; None without cv2."""
-    try:
-        import cv2
-    except ImportError:
-        return None
-    t, h, w, _ = frames_uint8.shape
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-        t0 = time.perf_counter()
-        writer = cv2.VideoWriter(f.name, cv2.VideoWriter_fourcc(*"mp4v"), 16, (w, h))
-        for frame in frames_uint8:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        return time.perf_counter() - t0
+def build_tiny_wan(folder: Path) -> None:
+    from tools.tiny_wan import build_tiny_wan as build
+
+    build(folder, "t2v")
 
 
-def run_wan(report: Report, catalog, device: str, tiny: bool = False) -> None:
-    from diffusers import AutoencoderKLWan
+def make_job(catalog, job_type: str, seed: int = 2000):
+    from workers.job import parse_job
 
-    tr = build_transformer(device, tiny)
-    with torch.device(device):
-        vae = AutoencoderKLWan().to(torch.float32).eval()
-    text_dim = tr.config.text_dim
-    for job_type in ("video_fast", "image_fast"):
-        spec = catalog.job_types[job_type]
-        frames = spec.frames or 1
-        lat_f, h, w = (frames - 1) // 4 + 1, spec.height // 8, spec.width // 8
-        x = torch.randn(1, 16, lat_f, h, w, device=device, dtype=torch.bfloat16)
-        pe = torch.randn(1, 512, text_dim, device=device, dtype=torch.bfloat16)
-        ne = torch.randn(1, 512, text_dim, device=device, dtype=torch.bfloat16)
-        t = torch.tensor([500], device=device)
+    n = catalog.job_types[job_type].default_images if catalog.job_types[job_type].content == "image" else 1
+    return parse_job({"jobId": f"bench-{job_type}", "jobType": job_type, "userId": "bench-user", "prompt": PROMPT,
+                      "numImages": n, "seed": seed}, catalog)
 
-        def cfg_step():
-            with torch.no_grad():
-                a = tr(x, timestep=t, encoder_hidden_states=pe, return_dict=False)[0]
-                b = tr(x, timestep=t, encoder_hidden_states=ne, return_dict=False)[0]
-            return b + spec.guidance * (a - b)
 
+class Capture:
+    """The latents entering the VAE decoder (one call per sliced batch item); nothing replaced."""
+
+    def __init__(self, vae):
+        self.parts: list[torch.Tensor] = []
+        self._handle = vae.post_quant_conv.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.parts.append(args[0].detach().float().cpu())
+
+    def result(self):
+        self._handle.remove()
+        return torch.cat(self.parts) if self.parts else None
+
+
+def plain_call(pipe, job, device: str) -> torch.Tensor:
+    """Plain WanPipeline, then the same encoding the worker does. Returns uint8 (B, F, H, W, 3)."""
+    from workers import media
+
+    image = job.spec.content == "image"
+    gens = [torch.Generator(device).manual_seed(s) for s in job.seeds]
+    frames = pipe(prompt=job.prompt, negative_prompt=job.negative_prompt, height=job.height, width=job.width,
+                  num_frames=job.frames or 1, num_inference_steps=job.steps, guidance_scale=job.guidance,
+                  num_videos_per_prompt=job.num_images if image else 1, generator=gens if image else gens[0],
+                  output_type="np").frames
+    array = (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
+    if image:
+        from PIL import Image
+
+        for frame in array[:, 0]:
+            Image.fromarray(frame).save(io.BytesIO(), format="PNG")
+    else:
+        media.encode_mp4(list(array[0]), job.fps)
+        media.encode_jpeg(array[0, 0])
+    return torch.from_numpy(array)
+
+
+def project_call(family, job, storage) -> torch.Tensor:
+    from bench.sdxl_bench import _runner_stub
+    from workers.runner import Runner
+
+    family.check(job)
+    out = family.generate(job, lambda done, total: None)
+    stub = _runner_stub(storage)
+    stub._store_video = lambda j, clip: Runner._store_video(stub, j, clip)
+    Runner._store(stub, job, out)   # MP4 + thumbnail, or PNGs, uploaded as the worker does
+    if job.spec.content == "image":
+        return torch.from_numpy(np.stack([np.asarray(im) for im in out]))[:, None]
+    return torch.from_numpy(np.stack(out.frames))[None]
+
+
+def count_flops(pipe, job, device: str) -> dict:
+    """One CFG step (two transformer calls) and one VAE decode at the job's shape and batch."""
+    tr = pipe.transformer
+    batch = job.num_images if job.spec.content == "image" else 1
+    lat_f = ((job.frames or 1) - 1) // 4 + 1
+    x = torch.randn(batch, 16, lat_f, job.height // 8, job.width // 8, device=device, dtype=tr.dtype)
+    emb = torch.randn(batch, 512, tr.config.text_dim, device=device, dtype=tr.dtype)
+    with torch.no_grad():
         with FlopCounterMode(display=False) as fc:
-            cfg_step()
-        step_flops = fc.get_total_flops()
-        reset_peak()
-        step_times, _ = timed(cfg_step, runs=3, warm=1)
-        step_mem = peak_gib()
-        lat = torch.randn(1, 16, lat_f, h, w, device=device)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            vae.decode(lat)
-        vae_flops = fc.get_total_flops()
-        reset_peak()
-        with torch.no_grad():
-            vae_times, video = timed(lambda: vae.decode(lat).sample, runs=2 if frames > 1 else 3, warm=1)
-        vae_mem = peak_gib()
-        frames_u8 = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-        enc = mp4_seconds(frames_u8) if frames > 1 else 0.0
-        step_med, vae_med = sorted(step_times)[1], sorted(vae_times)[len(vae_times) // 2]
-        total = [spec.steps * s + vae_med + (enc or 0.0) for s in step_times]
-        floor_s = round((spec.steps * step_flops + vae_flops) / (PEAK_TFLOPS * 1e12), 3)
-        variant = "plain diffusers bf16, VAE fp32 (composed)"
-        report.row(job_type, variant, total, floor_s=floor_s,
-                   peak_alloc_gib=max(step_mem.get("peak_alloc_gib", 0), vae_mem.get("peak_alloc_gib", 0)),
-                   cfg_step_s=round(step_med, 4), cfg_step_tflop=round(step_flops / 1e12, 1),
-                   cfg_step_tflops_achieved=round(step_flops / step_med / 1e12, 1), vae_decode_s=round(vae_med, 3),
-                   vae_tflop=round(vae_flops / 1e12, 1), mp4_encode_s=None if enc is None else round(enc, 3),
-                   steps=spec.steps, frames=frames, size=f"{spec.width}x{spec.height}")
-        del x, pe, ne, lat, video
-    if not project_wan_available():
-        report.note("project Wan family (workers/pipelines/wan.py) not present: Wan rows are plain diffusers only")
-    del tr, vae
+            for _ in range(2):
+                tr(x, timestep=torch.tensor([500] * batch, device=device), encoder_hidden_states=emb, return_dict=False)
+        step = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            pipe.vae.decode(x[:1].to(pipe.vae.dtype))
+        vae = fc.get_total_flops() * batch
+    return {"cfg_step": step, "vae_decode": vae}
+
+
+def floor_s(flops: dict, job) -> float:
+    return round((job.steps * flops["cfg_step"] + flops["vae_decode"]) / (PEAK_TFLOPS * 1e12), 3)
+
+
+def measure(report: Report, job, variant: str, fn, vae, runs: int, floor: float, **extra) -> tuple[dict, dict]:
+    reset_peak()
+    cap = Capture(vae)
+    try:
+        first = fn()
+    finally:
+        latents = cap.result()
+    times, _ = timed(fn, runs=runs, warm=0)
+    row = report.row(job.job_type + ("" if job.num_images == 1 else f" x{job.num_images}"), variant, times,
+                     floor_s=floor, **peak_gib(), **extra)
+    return row, {"latents": latents, "frames": first.float() / 255}
+
+
+def add_errors(row: dict, out: dict, ref: dict | None, name: str = "plain") -> None:
+    if ref:
+        row[f"err_vs_{name}"] = rel_err(out["latents"], ref["latents"])
+        row[f"img_err_vs_{name}"] = rel_err(out["frames"], ref["frames"])
+
+
+def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int = 3, tiny: bool = False) -> None:
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from workers.config import Settings
+    from workers.pipelines import wan_accel
+    from workers.pipelines.base import LoadOptions
+    from workers.pipelines.wan import WanFamily
+
+    folder = work / "wan"
+    if not (folder / "model_index.json").exists():
+        t0 = time.perf_counter()
+        (build_tiny_wan if tiny else lambda f: build_real_wan(f, device))(folder)
+        report.say(f"Wan folder built in {time.perf_counter() - t0:.0f}s")
+    jobs = [make_job(catalog, t) for t in JOB_TYPES]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    # Plain diffusers, as its Wan example: VAE in fp32, the rest bf16.
+    t0 = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(folder / "vae", dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(folder, vae=vae, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    report.say(f"plain Wan loaded in {time.perf_counter() - t0:.1f}s")
+    flops, plain = {}, {}
+    for job in jobs:
+        flops[job.job_type] = count_flops(pipe, job, device)
+        _, plain[job.job_type] = measure(report, job, "plain diffusers bf16, VAE fp32", lambda: plain_call(pipe, job, device),
+                                         pipe.vae, runs, floor_s(flops[job.job_type], job))
+    report.meta["wan_flops"] = {k: {n: round(v / 1e12, 2) for n, v in f.items()} for k, f in flops.items()}
+    del pipe, vae
+    torch.cuda.empty_cache() if device == "cuda" else None
+
+    t0 = time.perf_counter()
+    family = WanFamily.load(LoadOptions(model_path=folder, config_path=None, device=device, cache_dir=None))
+    report.meta["wan_project_load_s"] = round(time.perf_counter() - t0, 2)
+    eager = {}
+    for job in jobs:
+        row, eager[job.job_type] = measure(report, job, "project eager", lambda: project_call(family, job, storage),
+                                           family.pipe.vae, runs, floor_s(flops[job.job_type], job))
+        add_errors(row, eager[job.job_type], plain[job.job_type])
+    if device != "cuda":
+        return
+    settings = Settings.from_env({"DATA_DIR": str(work / "data")})
+    accel = wan_accel.WanAcceleration.for_model(catalog, MODEL_KEY, settings)
+    if accel.is_off:
+        accel = wan_accel.WanAcceleration(compile="blocks", warmup=accel.warmup, cache_dir=work / "data" / "compile-cache")
+    family.accel_report = wan_accel.accelerate(family.pipe, accel)
+    report.meta["wan_accel"] = family.accel_report
+    report.say("Wan acceleration", family.accel_report)
+    for job in jobs:
+        row, out = measure(report, job, "project default: compile=blocks", lambda: project_call(family, job, storage),
+                           family.pipe.vae, runs, floor_s(flops[job.job_type], job))
+        add_errors(row, out, plain[job.job_type])
+        add_errors(row, out, eager[job.job_type], "eager")
+    del family

@@ -2,6 +2,8 @@
 must leave unchanged. Speed is measured by bench/, never asserted here."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,9 @@ def test_without_warmup_sizes_every_job_size_is_warmed(tmp_path):
 
 def test_unknown_compile_mode_stops_start_up(tmp_path):
     path = write_small_job_types(tmp_path)
-    path.write_text(path.read_text().replace("compile: unet", "compile: turbo"))
+    text = path.read_text()
+    assert re.search(r"\bcompile: \w+", text)
+    path.write_text(re.sub(r"\bcompile: \w+", "compile: turbo", text, count=1))
     with pytest.raises(ConfigError, match="compile"):
         load_catalog(path)
     with pytest.raises(ValueError):
@@ -74,3 +78,32 @@ def test_encode_pngs_matches_one_by_one():
     images = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(5)]
     assert media.encode_pngs(images) == [media.encode_png(im) for im in images]
     assert media.encode_pngs(images[:1]) == [media.encode_png(images[0])]
+
+
+def test_wan_warm_up_plan_puts_videos_first_and_off_switch_works(tmp_path):
+    from workers.pipelines.wan_accel import WanAcceleration
+
+    catalog = small_catalog(tmp_path, width=None, height=None, steps=None)
+    accel = WanAcceleration.for_model(catalog, "wan_2_1_1_3b", Settings.from_env({"DATA_DIR": str(tmp_path)}))
+    assert accel.compile == catalog.models["wan_2_1_1_3b"].optimize.compile and not accel.is_off
+    types = [t for t in catalog.job_types.values() if t.model == "wan_2_1_1_3b"]
+    videos = {(1, t.frames, t.width, t.height) for t in types if t.content == "video"}
+    images = {(n, 1, t.width, t.height) for t in types if t.content == "image" for n in (1, t.default_images)}
+    # The first shape compiles static (the long video job); the later ones share one dynamic graph.
+    assert set(accel.warmup[:len(videos)]) == videos and set(accel.warmup) == videos | images
+    assert len(accel.warmup) == len(videos | images)
+    assert accel.cache_dir == tmp_path.resolve() / "compile-cache"
+    off = WanAcceleration.for_model(catalog, "wan_2_1_1_3b", Settings.from_env({"DATA_DIR": str(tmp_path), "OPTIMIZE": "0"}))
+    assert off.is_off
+
+
+def test_cpu_wan_load_ignores_acceleration(tmp_path):
+    from tools.tiny_wan import build_tiny_wan
+    from workers.pipelines.wan import WanFamily
+    from workers.pipelines.wan_accel import WanAcceleration
+
+    folder = build_tiny_wan(tmp_path / "wan", "t2v")
+    family = WanFamily.load(LoadOptions(model_path=folder, config_path=None, device="cpu", cache_dir=None),
+                            accel=WanAcceleration(warmup=((1, 5, 64, 64),)))
+    assert family.accel_report == {"applied": "none"}
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in family.pipe.transformer.modules())

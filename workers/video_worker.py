@@ -18,6 +18,7 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
     from workers.media import ImageLimits
     from workers.pipelines.base import LoadOptions, ModelUnavailable
     from workers.pipelines.wan import KINDS, WanFamily
+    from workers.pipelines.wan_accel import WanAcceleration
 
     device = pick_device(settings.device)
     budget = int(settings.video_vram_budget_gib * 2**30) if settings.video_vram_budget_gib else None
@@ -32,7 +33,8 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
         options = LoadOptions(model_path=settings.model_path(model), config_path=None, device=device,
                               cache_dir=None, vram_budget_bytes=budget)
         try:
-            families[key] = WanFamily.load(options, limits=limits, kind=model.family, shared=shared)
+            accel = WanAcceleration.for_model(catalog, key, settings) if str(device).startswith("cuda") else None
+            families[key] = WanFamily.load(options, limits=limits, kind=model.family, shared=shared, accel=accel)
         except ModelUnavailable as exc:
             hint = f"; set {model.env} (absolute, or relative to MODELS_DIR)" if model.env else ""
             errors[key] = f"{exc}{hint}"

@@ -30,6 +30,8 @@ from diffusers import WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 from PIL import Image, ImageOps
 
 from workers.media import ImageLimits, VideoClip, load_labelled_image
+from workers.pipelines import wan_accel
+from workers.pipelines.wan_accel import WanAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
 from workers.pipelines.wan_memory import (MemoryPlan, cap_process_memory, decode_bytes, denoise_bytes,
                                           latent_tokens, module_bytes, out_of_memory_reason, plan_memory)
@@ -85,12 +87,13 @@ class WanFamily:
         self.size_multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
         self.frame_multiple = pipe.vae_scale_factor_temporal
         self._prepared: tuple[str, list[Image.Image]] | None = None  # (job_id, references) from check()
+        self.accel_report: dict = {"applied": "none"}
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, opts: LoadOptions, limits: ImageLimits | None = None, kind: str = "wan",
-             shared: dict | None = None) -> "WanFamily":
+             shared: dict | None = None, accel: WanAcceleration | None = None) -> "WanFamily":
         if kind not in KINDS:
             raise ModelUnavailable(f"unknown Wan kind {kind!r} (known: {', '.join(KINDS)})")
         spec = KINDS[kind]
@@ -118,6 +121,9 @@ class WanFamily:
         pipe.vae.enable_slicing()   # one clip/image at a time through the VAE: the decode peak of one item
         family = cls(pipe, kind, device, limits or ImageLimits(), opts.vram_budget_bytes)
         family._place()
+        # Text-to-video only: its warm-up needs no input image (the other kinds would compile in a job).
+        if device.type == "cuda" and kind == "wan" and accel is not None and not accel.is_off:
+            family.accel_report = wan_accel.accelerate(pipe, accel)
         log.info("Wan %s loaded from %s (%s, text encoder on %s)", spec.what, folder, dtype, family._text_encoder_device())
         return family
 
