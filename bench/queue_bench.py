@@ -83,8 +83,8 @@ class TimedFamily:
 def _instrument(queue, marks: Marks) -> None:
     claim, ack = queue.claim, queue.ack
 
-    def timed_claim(timeout):
-        got = claim(timeout)
+    def timed_claim(timeout, **kwargs):   # whatever the Runner passes on (e.g. prefer=)
+        got = claim(timeout, **kwargs)
         if got is not None:
             marks.stamp(got.job_id, "claimed")
         return got
