@@ -118,6 +118,8 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
         except (ValueError, RecursionError):
             raise GatewayError(400, "the request body is not valid JSON") from None
         ryla = parse_request(body)
+        if entry.lora_required and not (ryla.lora_id or ryla.lora_name):
+            raise GatewayError(400, f"/{endpoint} needs a LoRA: give lora_id or lora_name")
         inputs = job_inputs(catalog, spec, ryla, gateway.loras_dir)
         if ryla.trigger_word and "loras" in inputs and ryla.trigger_word not in ryla.prompt:
             ryla.prompt = f"{ryla.trigger_word}, {ryla.prompt}"   # what RYLA's LoRA endpoints do

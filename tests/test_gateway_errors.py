@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import redis
+import yaml
 from PIL import Image
 
 from tests.conftest import RedisServer
@@ -26,6 +27,9 @@ def gateway(tmp_path_factory, tiny_sdxl):
     job_types = sdxl_and_wan_catalog(root / "catalog", width=96, height=96, steps=2, frames=9,
                                       limits={"input_image_max_pixels": MAX_PIXELS,
                                               "input_image_max_bytes": MAX_IMAGE_BYTES})
+    raw = yaml.safe_load(job_types.read_text())      # a LoRA endpoint on a model the test workers serve
+    raw["ryla"]["lora-only"] = {"job_type": "sdxl_image_fast", "output": "jpeg", "lora_required": True}
+    job_types.write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "loras").mkdir()
     (root / "loras" / "character-known.safetensors").write_bytes(b"weights")
     env = {**worker_env(server.url, root / "data", job_types, tiny_sdxl.single_file, tiny_sdxl.folder),
@@ -75,6 +79,7 @@ BAD_REQUESTS = [
     ("/sdxl-instantid", {"prompt": "x"}, 501, "InstantID"),
     ("/seedvr2", {"image": "x"}, 501, "SeedVR2 upscaler"),
     ("/wan2.6-lora", {"prompt": "x", "lora_id": "known"}, 501, "LoRA loading in the Wan worker"),
+    ("/lora-only", {"prompt": "x"}, 400, "/lora-only needs a LoRA: give lora_id or lora_name"),
 ]
 
 

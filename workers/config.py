@@ -133,6 +133,7 @@ class RylaEndpoint(_Strict):
     job_type: str | None = None
     output: Literal["jpeg", "webp", "png", "mp4"]
     needs: str | None = None        # what this pod lacks for it (a model family, LoRA loading, ...)
+    lora_required: bool = False     # a "-lora" endpoint: a request must name its LoRA (lora_id or lora_name)
 
 
 class Catalog(_Strict):
