@@ -11,7 +11,6 @@ residency manager (workers/pipelines/residency.py) move the weights. Importing t
 """
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image
 
 from workers.media import ImageLimits, load_labelled_image
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
+from workers.pipelines.common import check_batch, free_device_memory, to_pil
 from workers.pipelines.lora import LoraLibrary, LoraSlots, ResolvedLora, resolve_job_loras
 from workers.pipelines.wan_memory import out_of_memory_reason
 
@@ -108,12 +108,7 @@ class DiTFamily:
             if not MIN_SIZE <= value <= MAX_SIZE or value % self.size_multiple:
                 raise ValueError(f"{what} {value} must be a multiple of {self.size_multiple} between {MIN_SIZE} "
                                  f"and {MAX_SIZE} for {self.what}")
-        if job.steps < 1:
-            raise ValueError(f"steps {job.steps} must be at least 1")
-        if job.num_images < 1 or len(job.seeds) != job.num_images:
-            raise ValueError(f"number of images {job.num_images} needs as many seeds (got {len(job.seeds)})")
-        if job.guidance < 0:
-            raise ValueError(f"guidance {job.guidance} must not be negative")
+        check_batch(job)
 
     def _inputs(self, job) -> dict:
         inputs = {"loras": self._resolve_loras(job)}
@@ -174,15 +169,7 @@ class DiTFamily:
         raise NotImplementedError
 
     def free_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[0, 1] image batch → RGB PIL images; the uint8 conversion runs on the device (one small copy)."""
-    array = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(frame) for frame in array]
+        free_device_memory(self.device)
 
 
 def _class_name(index: Path) -> str | None:

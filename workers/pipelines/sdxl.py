@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import logging
 import os
@@ -32,6 +31,7 @@ from workers.media import ImageLimits, load_input_image
 from workers.pipelines import accel as acceleration
 from workers.pipelines.accel import Acceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
+from workers.pipelines.common import check_batch, free_device_memory, to_pil
 from workers.pipelines.lora import JobLoras, LoraLibrary
 
 log = logging.getLogger(__name__)
@@ -209,12 +209,7 @@ class SDXLFamily:
         for what, value in (("width", job.width), ("height", job.height)):
             if not MIN_SIZE <= value <= MAX_SIZE or value % 8:
                 raise ValueError(f"{what} {value} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}")
-        if job.steps < 1:
-            raise ValueError(f"steps {job.steps} must be at least 1")
-        if job.num_images < 1 or len(job.seeds) != job.num_images:
-            raise ValueError(f"number of images {job.num_images} needs as many seeds (got {len(job.seeds)})")
-        if job.guidance < 0:
-            raise ValueError(f"guidance {job.guidance} must not be negative")
+        check_batch(job)
         if mode == "img2img":
             if not job.init_image:
                 raise ValueError(f"{job.job_type} needs an init image")
@@ -273,7 +268,7 @@ class SDXLFamily:
                     output_type="pt",
                     **kwargs,
                 )
-            images = _to_pil(result.images)
+            images = to_pil(result.images)
         except torch.cuda.OutOfMemoryError as exc:
             oom = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         except RuntimeError as exc:
@@ -287,13 +282,4 @@ class SDXLFamily:
         return images
 
     def free_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def _to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[0, 1] image batch → RGB PIL images, with diffusers' own arithmetic ((x * 255).round() in
-    float32) done on the device: one uint8 copy to the host instead of a float32 one."""
-    array = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(frame) for frame in array]
+        free_device_memory(self.device)

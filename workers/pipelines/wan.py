@@ -16,7 +16,6 @@ module touches no GPU.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import importlib
 import json
@@ -33,6 +32,7 @@ from workers.media import ImageLimits, VideoClip, load_labelled_image
 from workers.pipelines import wan_accel
 from workers.pipelines.wan_accel import WanAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
+from workers.pipelines.common import check_batch, free_device_memory
 from workers.pipelines.wan_memory import (MemoryPlan, cap_process_memory, decode_bytes, denoise_bytes,
                                           latent_tokens, module_bytes, out_of_memory_reason, plan_memory)
 
@@ -187,12 +187,7 @@ class WanFamily:
                                  f"{MAX_FRAMES} for Wan (e.g. 49, 81)")
             if not job.fps:
                 raise ValueError(f"{job.job_type} has no fps")
-        if job.steps < 1:
-            raise ValueError(f"steps {job.steps} must be at least 1")
-        if job.num_images < 1 or len(job.seeds) != job.num_images:
-            raise ValueError(f"number of images {job.num_images} needs as many seeds (got {len(job.seeds)})")
-        if job.guidance < 0:
-            raise ValueError(f"guidance {job.guidance} must not be negative")
+        check_batch(job)
         count = len(job.reference_images)
         if mode == "img2video" and count != 1:
             raise ValueError(f"{job.job_type} needs exactly one reference image, got {count}")
@@ -318,6 +313,4 @@ class WanFamily:
         return VideoClip(frames=[np.ascontiguousarray(frame) for frame in array[0]], fps=job.fps)
 
     def free_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(self.device)
