@@ -33,7 +33,7 @@ def tiny_zimage_pipeline(scratch: Path) -> ZImagePipeline:
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=TEXT_HIDDEN, rope_theta=256.0,
-        t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+        t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 128, 128])   # up to 512 px with this VAE (2x)
     with torch.no_grad():   # created with torch.empty: fixed values keep the outputs finite
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
