@@ -7,8 +7,10 @@ configuration is wrong (not restarted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -33,6 +35,23 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, exiting 0 on SIGTERM/SIGINT: its own handler re-raises the signal once shut
+    down, and the supervisor would then record a crash (exit -15) for an ordinary stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        def stop(*_):
+            self.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 async def serve(server: uvicorn.Server, sock: socket.socket) -> None:
@@ -61,7 +80,7 @@ def main() -> int:
     # In-flight requests get a few seconds on SIGTERM; their jobs stay queued and their result URLs serve them.
     config = uvicorn.Config(app, log_level=os.environ.get("LOG_LEVEL", "INFO").lower(), access_log=False,
                             timeout_graceful_shutdown=5, lifespan="off")
-    asyncio.run(serve(uvicorn.Server(config), sock))
+    asyncio.run(serve(GatewayServer(config), sock))
     return 0
 
 

@@ -59,7 +59,8 @@ class GatewayProcess:
         self.proc.wait(10)
         self.log.close()
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 15 s; returns the exit code."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -69,6 +70,7 @@ class GatewayProcess:
                 self.proc.wait(10)
         if not self.log.closed:
             self.log.close()
+        return self.proc.returncode
 
 
 def image_uri(size=(48, 80), color=(200, 30, 30), fmt="PNG") -> str:

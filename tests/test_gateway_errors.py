@@ -152,3 +152,8 @@ def test_binding_beyond_loopback_without_a_token_refuses_to_start(gateway):
                           timeout=60)
     assert done.returncode == 78
     assert "GATEWAY_HOST=0.0.0.0 is not loopback: set GATEWAY_TOKEN" in done.stdout + done.stderr
+
+
+def test_sigterm_stops_the_gateway_cleanly(gateway, tmp_path):
+    other = GatewayProcess(gateway.env, tmp_path / "gateway.log").start()
+    assert other.stop() == 0, other.output()     # an ordinary stop, not a crash (-15) for the supervisor
