@@ -25,14 +25,15 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port, data in a temp dir."""
 
-    def __init__(self, data_dir: Path, appendonly: bool = False):
+    def __init__(self, data_dir: Path, appendonly: bool = False, extra_args: tuple[str, ...] = ()):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.port = free_port()
         self.data_dir = data_dir
         self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--daemonize", "no"]
+                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--daemonize", "no",
+                     *extra_args]
         self.proc: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 

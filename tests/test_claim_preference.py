@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import redis
+
+from tests.conftest import RedisServer
 from workers.queue import ReliableQueue
 
 
@@ -50,3 +53,16 @@ def test_only_the_window_is_searched_and_a_claim_counts_its_attempt(redis_client
     assert claim.job_id == "z-late" and claim.attempts == 1
     assert redis_client.lrange(queue.processing, 0, -1) == [claim.raw]   # claimed like any other: recoverable
     assert [json.loads(x)["jobId"] for x in redis_client.lrange("sdxl_queue", 0, -1)] == ["q2", "q1"]
+
+
+def test_a_redis_without_scripting_falls_back_to_fifo(tmp_path):
+    server = RedisServer(tmp_path, extra_args=("--rename-command", "EVAL", "")).start()   # EVAL refused
+    try:
+        client = redis.Redis.from_url(server.url)
+        queue = ReliableQueue(client, "sdxl_queue", "w1")
+        push(client, "old-qwen", "qwen_image_2512")
+        push(client, "z0", "z_image_turbo")
+        assert claimed_ids(queue, 2, prefer=["z_image_turbo"]) == ["old-qwen", "z0"]
+        assert queue.scripting is False
+    finally:
+        server.stop()

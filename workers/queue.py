@@ -73,6 +73,7 @@ class ReliableQueue:
         self.workers_key = f"{queue}:workers"
         self.dead_key = f"{queue}:dead"
         self.heartbeat_key = f"worker:{worker_id}"
+        self.scripting = True      # False once Redis refused the claim script
 
     # --- lifecycle -------------------------------------------------------------------------
     def register(self, info: dict | None = None) -> int:
@@ -107,7 +108,14 @@ class ReliableQueue:
         return Claim(raw=raw, job_id=job_id, attempts=attempts)
 
     def _claim_preferred(self, prefer: Collection[str], window: int, max_skips: int) -> bytes | None:
-        return self.r.eval(_CLAIM_PREFERRED, 2, self.queue, self.processing, window, max_skips, *sorted(prefer)) or None
+        if not self.scripting:
+            return None
+        try:
+            return self.r.eval(_CLAIM_PREFERRED, 2, self.queue, self.processing, window, max_skips, *sorted(prefer)) or None
+        except redis.ResponseError as exc:   # a Redis that refuses scripts (or cjson): plain FIFO from now on
+            log.warning("Redis refused the resident-first claim script (%s); claiming oldest first", exc)
+            self.scripting = False
+            return None
 
     def ack(self, claim: Claim) -> None:
         self.r.lrem(self.processing, 1, claim.raw)
