@@ -257,6 +257,7 @@ class Settings:
     loras_dir: Path | None = None   # LoRA files named by jobs; None: MODELS_DIR/loras
     lora_url_hosts: tuple[str, ...] = ()  # hosts a job's LoRA URL may name; empty: no URLs
     fallback_routing: bool = True   # FALLBACK_ROUTING=0: sdxl jobs fail instead of running as their fallback
+    overlap_finish: bool = True     # OVERLAP_FINISH=0: encode/upload/callback before the next job starts
 
     @property
     def local_mode(self) -> bool:
@@ -304,6 +305,7 @@ class Settings:
             model_overrides=overrides,
             optimize=env.get("OPTIMIZE", "1").lower() not in ("0", "false", "no", "off"),
             fallback_routing=env.get("FALLBACK_ROUTING", "1").lower() not in ("0", "false", "no", "off"),
+            overlap_finish=env.get("OVERLAP_FINISH", "1").lower() not in ("0", "false", "no", "off"),
             video_vram_budget_gib=_positive_or_none(env, "VIDEO_VRAM_BUDGET_GIB"),
             health_host=env.get("HEALTH_HOST") or "127.0.0.1",
             health_port=int(_env_float(env, "HEALTH_PORT", 9464)),

@@ -3,8 +3,10 @@
     claim → parse → (already done? too many attempts?) → processing → check → generate
           → encode → upload → completed (record + callback outbox, atomically) → ack
 
-Each error class has its own branch in `handle()`. Nothing here knows which model runs; the
-families (workers/pipelines/) do not know about Redis, storage or callbacks.
+The part after generate (`_finish`) runs on the Finisher's thread while the next job generates
+(OVERLAP_FINISH=0: inline). Each error class has its own branch in `_guarded()`, wherever the
+step runs. Nothing here knows which model runs; the families (workers/pipelines/) do not know
+about Redis, storage or callbacks.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from typing import Callable
 
 import redis
@@ -50,6 +53,45 @@ class StopFlags:
     now: threading.Event = field(default_factory=threading.Event)
 
 
+class Finisher:
+    """Runs a generated job's encoding, upload and callback on its own thread while the worker
+    generates the next one, so the GPU does not wait for PNG/MP4 encoding and uploads. At most one
+    job finishes at a time: `submit` waits for the previous one, which bounds memory and keeps order.
+    Until a job is acknowledged it stays in the processing list, so a kill loses nothing."""
+
+    def __init__(self):
+        self._tasks: SimpleQueue = SimpleQueue()
+        self._outstanding = 0
+        self._done = threading.Condition()
+        threading.Thread(target=self._loop, name="finisher", daemon=True).start()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self.drain()
+        with self._done:
+            self._outstanding += 1
+        self._tasks.put(task)
+
+    def idle(self) -> bool:
+        with self._done:
+            return self._outstanding == 0
+
+    def drain(self) -> None:
+        with self._done:
+            self._done.wait_for(lambda: self._outstanding == 0)
+
+    def _loop(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                task()
+            except Exception:      # _finish_in_background handles every error; this is a last guard
+                log.exception("finishing a job failed")
+            finally:
+                with self._done:
+                    self._outstanding -= 1
+                    self._done.notify_all()
+
+
 class Runner:
     def __init__(self, *, catalog: Catalog, settings: Settings, queue: ReliableQueue, records: JobRecords,
                  storage: Storage, outbox: CallbackOutbox, families: dict, load_errors: dict[str, str],
@@ -69,6 +111,7 @@ class Runner:
         self._last_maintenance = 0.0
         self.oom_streak = 0
         self.exit_code = 0                # what the worker process exits with once serve() returns
+        self.finisher = Finisher() if settings.overlap_finish else None
 
     # --- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -84,6 +127,8 @@ class Runner:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 self.stop.graceful.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+        if self.finisher is not None:
+            self.finisher.drain()     # the last job's outputs and callback, before the claims are returned
 
     def _preferred_job_types(self) -> list[str]:
         """Job types of the models on the GPU, when the worker swaps models (pipelines/residency.py)."""
@@ -98,7 +143,8 @@ class Runner:
         if not force and now - self._last_maintenance < self.settings.maintenance_interval:
             return
         self._last_maintenance = now
-        self.queue.recover_own()      # a claim whose BLMOVE reply was lost in a reconnect
+        if self.finisher is None or self.finisher.idle():
+            self.queue.recover_own()  # a claim whose BLMOVE reply was lost in a reconnect
         self.queue.reap()
         self.queue.drain_legacy()
         self.outbox.deliver_due()
@@ -115,14 +161,14 @@ class Runner:
         self.current_job = job.job_id
         try:
             with job_context(job.job_id):   # every log line of this job carries its jobId
-                self._run_guarded(claim, job)
+                self._guarded(claim, job, lambda: self._run(claim, job))
         finally:
             self.current_job = None
 
-    def _run_guarded(self, claim: Claim, job: Job) -> None:
-        """`_run`, with one branch per error class."""
+    def _guarded(self, claim: Claim, job: Job, step: Callable[[], None]) -> None:
+        """Run `step` (`_run`, or `_finish` on the finisher's thread), with one branch per error class."""
         try:
-            self._run(claim, job)
+            step()
         except JobRejected as exc:
             self._fail(claim, job.job_id, exc.reason)
         except ValueError as exc:                 # check_inputs-style refusal from a family
@@ -166,7 +212,20 @@ class Runner:
         deadline = started + job.spec.timeout_seconds
         self.records.update(job.job_id, phase="generating")
         output = family.generate(job, self._progress(job, deadline))
+        if self.finisher is None:
+            return self._finish(claim, job, output, started)
+        # Encoding, upload and callback overlap the next job's generation (at most one job finishing).
+        self.finisher.submit(lambda: self._finish_in_background(claim, job, output, started))
 
+    def _finish_in_background(self, claim: Claim, job: Job, output, started: float) -> None:
+        with job_context(job.job_id):
+            try:
+                self._guarded(claim, job, lambda: self._finish(claim, job, output, started))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:   # still claimed: recovered and run again
+                log.warning("job %s: redis unreachable while finishing (%s); it will run again", job.job_id, exc)
+
+    def _finish(self, claim: Claim, job: Job, output, started: float) -> None:
+        """Store the outputs, then completed (record + callback outbox, atomically), then ack."""
         paths = self._store(job, output)
         body = completed_body(job.job_id, paths, job.spec.content)   # video: filePath is the MP4
         if job.spec.content == "video":
