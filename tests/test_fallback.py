@@ -49,11 +49,22 @@ def test_payload_rewrite_follows_job_types_yaml(catalog):
     assert fallback_note(job("sdxl_image_fast")) is None
 
 
+def video_worker_alive(redis_client) -> ReliableQueue:
+    video = ReliableQueue(redis_client, "wan_queue", "video@test")
+    video.register()
+    return video
+
+
 def test_a_worker_reroutes_the_job_it_holds(catalog, redis_client):
     queue = ReliableQueue(redis_client, "sdxl_queue", "image@test")
     records = JobRecords(redis_client)
     body = job("sdxl_image_fast")
     redis_client.lpush("sdxl_queue", json.dumps(body))
+    claim = queue.claim(1)
+    assert reroute_claim(queue, records, catalog, claim, body, "why") is None   # nobody serves wan_queue
+    assert redis_client.llen(queue.processing) == 1
+    queue.requeue(claim, count_attempt=False)
+    video_worker_alive(redis_client)
     redis_client.rpush("wan_queue", json.dumps(job("image_high")))   # already waiting; the fallback goes first
     claim = queue.claim(1)
     assert reroute_claim(queue, records, catalog, claim, body, "model 'lustify_sdxl' is not loaded") == "image_fast"
@@ -79,6 +90,7 @@ def test_the_queue_of_a_worker_given_up_is_emptied(catalog, redis_client, tmp_pa
     fast, img2img, high = job("sdxl_image_fast"), job("sdxl_img2img"), job("sdxl_image_high")
     for raw in (json.dumps(fast), json.dumps(img2img), b"\xff not json", json.dumps(high)):
         redis_client.lpush("sdxl_queue", raw)
+    video_worker_alive(redis_client)
 
     counts = rescue_stranded(redis_client, catalog, "sdxl_queue", REASON, outbox, records, enabled, clock=lambda: 1.0)
 
@@ -96,6 +108,16 @@ def test_the_queue_of_a_worker_given_up_is_emptied(catalog, redis_client, tmp_pa
     assert redis_client.hlen(PENDING) == 0                                # every failed callback delivered
 
 
+def test_without_a_live_video_worker_the_rescue_fails_jobs_with_the_reason(catalog, redis_client, tmp_path):
+    sink = LocalStatusSink(tmp_path / "jobs")
+    fast = job("sdxl_image_fast")
+    redis_client.lpush("sdxl_queue", json.dumps(fast))
+    counts = rescue_stranded(redis_client, catalog, "sdxl_queue", REASON, CallbackOutbox(redis_client, sink),
+                             JobRecords(redis_client), True, clock=lambda: 1.0)
+    assert counts == {"rerouted": 0, "failed": 1} and redis_client.llen("wan_queue") == 0
+    assert "no live worker serves its fallback's queue wan_queue" in sink.read(fast["jobId"])["errorMessage"]
+
+
 def test_the_orchestrator_leaves_a_queue_that_another_pod_serves(catalog, redis_client, tmp_path):
     settings = Settings.from_env({"DATA_DIR": str(tmp_path), "REDIS_URL": "redis://unused"})
     rescuer = StrandedJobRescuer(redis_client, catalog, settings)
@@ -106,6 +128,7 @@ def test_the_orchestrator_leaves_a_queue_that_another_pod_serves(catalog, redis_
     ours = ReliableQueue(redis_client, "sdxl_queue", default_worker_id("image"))
     ours.register()                               # our own dead worker's heartbeat has not expired yet
     fatal = {"image": {"state": "fatal", "last_exit": 78}, "video": {"state": "running"}}
+    video_worker_alive(redis_client)
 
     assert rescuer.check(fatal) == {}             # another pod's image worker is alive: leave its queue
     assert rescuer.check({"image": {"state": "running"}}) == {}

@@ -8,7 +8,7 @@ Two triggers:
   queue, rerouting what has a fallback and failing the rest with a callback, so nothing waits on a
   worker that will not come back.
 
-The job keeps its jobId and userId. The rewritten payload says `fallback: {from, reason}`; its
+A job falls back only while a live worker serves the fallback's queue. The job keeps its jobId and userId. The rewritten payload says `fallback: {from, reason}`; its
 outputs go to the fallback type's default bucket; the record and the completed callback carry both,
 so the frontend knows where the files are and why. A job falls back at most once. FALLBACK_ROUTING=0
 turns all of it off ("fail fast", the seed's phase 1): those jobs fail with the reason instead.
@@ -46,6 +46,11 @@ def fallback_payload(payload: dict, catalog: Catalog, reason: str) -> tuple[dict
     return rewritten, target
 
 
+def has_live_worker(r: redis.Redis, queue: str) -> bool:
+    """A job rerouted onto `queue` would run: some worker's heartbeat on it is fresh."""
+    return any(w["alive"] for w in queue_overview(r, queue)["workers"])
+
+
 def fallback_note(payload: dict) -> dict | None:
     """`{from, reason}` when this payload runs as a fallback (for the record and the callback)."""
     note = payload.get("fallback")
@@ -62,6 +67,9 @@ def reroute_claim(queue: ReliableQueue, records: JobRecords, catalog: Catalog, c
         return None
     rewritten, target = routed
     target_queue = catalog.queue_of(target.name)
+    if not has_live_worker(queue.r, target_queue):
+        log.warning("job %s: no live worker serves %s; not falling back", claim.job_id, target_queue)
+        return None
     with queue.r.pipeline(transaction=True) as pipe:
         pipe.lrem(queue.processing, 1, claim.raw)
         pipe.rpush(target_queue, json.dumps(rewritten))
@@ -80,6 +88,7 @@ def rescue_stranded(r: redis.Redis, catalog: Catalog, queue: str, reason: str, o
     (the failed callback's outbox entry included), so a producer pushing meanwhile, or a crash half-way,
     never loses or duplicates a job."""
     counts = {"rerouted": 0, "failed": 0}
+    live = {q for q in {w.queue for w in catalog.workers.values()} if has_live_worker(r, q)}
     while True:
         with r.pipeline(transaction=True) as pipe:
             try:
@@ -87,7 +96,7 @@ def rescue_stranded(r: redis.Redis, catalog: Catalog, queue: str, reason: str, o
                 raw = pipe.lindex(queue, -1)
                 if raw is None:
                     return counts
-                outcome, failed = _rescue_one(pipe, catalog, queue, raw, reason, outbox, records, enabled, clock)
+                outcome, failed = _rescue_one(pipe, catalog, queue, raw, reason, outbox, records, enabled, live, clock)
                 pipe.execute()
             except redis.WatchError:
                 continue    # a producer pushed meanwhile: read the oldest item again
@@ -97,7 +106,7 @@ def rescue_stranded(r: redis.Redis, catalog: Catalog, queue: str, reason: str, o
 
 
 def _rescue_one(pipe, catalog: Catalog, queue: str, raw: bytes, reason: str, outbox: CallbackOutbox,
-                records: JobRecords, enabled: bool, clock: Callable[[], float]) -> tuple[str, dict | None]:
+                records: JobRecords, enabled: bool, live: set[str], clock: Callable[[], float]) -> tuple[str, dict | None]:
     """Queue the commands that move one item; returns the outcome and the failed callback body, if any."""
     try:
         payload = json.loads(raw)
@@ -105,18 +114,23 @@ def _rescue_one(pipe, catalog: Catalog, queue: str, raw: bytes, reason: str, out
         payload = None
     job_id = job_id_of(raw)
     routed = fallback_payload(payload, catalog, reason) if enabled and isinstance(payload, dict) else None
+    target_queue = catalog.queue_of(routed[1].name) if routed is not None else None
     pipe.multi()
     pipe.rpop(queue)
-    if routed is not None and job_id:
+    if routed is not None and job_id and target_queue in live:
         rewritten, target = routed
-        target_queue = catalog.queue_of(target.name)
         # The tail, in their order: a flood of rerouted jobs does not jump ahead of the target's own.
         pipe.lpush(target_queue, json.dumps(rewritten))
         records.update(job_id, pipe=pipe, status="queued", phase="fell back", jobType=target.name,
                        queue=target_queue, fallback_from=payload["jobType"], fallback_reason=reason[:REASON_MAX_CHARS])
         log.warning("job %s: %s falls back to %s (%s)", job_id, payload["jobType"], target.name, reason)
         return "rerouted", None
-    why = "fallback routing is off" if not enabled else "this job type has no fallback"
+    if not enabled:
+        why = "fallback routing is off"
+    elif target_queue is not None:
+        why = f"no live worker serves its fallback's queue {target_queue}"
+    else:
+        why = "this job type has no fallback"
     message = f"the {queue} worker is unavailable ({reason[:REASON_MAX_CHARS]}) and {why}"
     if job_id is None:
         pipe.lpush(f"{queue}:dead", json.dumps({"payload": raw.decode("utf-8", "replace"), "reason": message,
