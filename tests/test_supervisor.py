@@ -84,6 +84,14 @@ class Harness:
     def state(self, name="image") -> State:
         return self.sup.state(name)
 
+    def wait_out_backoff(self, step: float = 0.5) -> float:
+        """Tick the fake clock until the child leaves BACKOFF; returns how long that took."""
+        start = self.clock.now
+        while self.state() is State.BACKOFF:
+            self.clock.advance(step)
+            self.sup.tick()
+        return self.clock.now - start
+
     def crash_instantly(self, code=1) -> None:
         self.proc.exit(code)
         self.sup.tick()
@@ -161,11 +169,7 @@ def test_instant_crash_delays_double_and_cap(tmp_path):
     for _ in range(6):
         h.crash_instantly()
         assert h.state() is State.BACKOFF
-        start = h.clock.now
-        while h.state() is State.BACKOFF:
-            h.clock.advance(0.5)
-            h.sup.tick()
-        delays.append(h.clock.now - start)
+        delays.append(h.wait_out_backoff())
     assert delays == [1, 2, 4, 5, 5, 5]
 
 
@@ -199,11 +203,7 @@ def test_crashes_after_ready_back_off_but_are_never_fatal(tmp_path):
         h.clock.advance(1)
         h.crash_instantly(-9)
         assert h.state() is State.BACKOFF
-        start = h.clock.now
-        while h.state() is State.BACKOFF:
-            h.clock.advance(0.5)
-            h.sup.tick()
-        delays.append(h.clock.now - start)
+        delays.append(h.wait_out_backoff())
     assert delays == [1, 2, 4, 8, 8, 8]
     for _ in range(2):    # crashes before ready still count towards FATAL, from zero
         h.crash_instantly()

@@ -13,29 +13,22 @@ import pytest
 from PIL import Image
 
 from tests.supabase_standin import SupabaseStandin
-from tests.worker_harness import USER, WorkerProcess, contract_payload, push, wait_for, worker_env
+from tests.worker_harness import USER, WorkerProcess, WorkerStarter, contract_payload, push, wait_for
 from tools.small_catalog import write_small_job_types
 
 
 @pytest.fixture
 def make_worker(tmp_path, redis_server, tiny_sdxl, tiny_wan):
-    started = []
+    starter = WorkerStarter(tmp_path, redis_server.url, tiny_sdxl)
 
     def make(job_types=None, i2v=True, vace=True, **extra) -> WorkerProcess:
-        job_types = job_types or write_small_job_types(tmp_path / "catalog", steps=2)
         wan = {"WAN_MODEL_PATH": str(tiny_wan.t2v),
                "WAN_I2V_MODEL_PATH": str(tiny_wan.i2v if i2v else tmp_path / "no-i2v"),
                "WAN_VACE_MODEL_PATH": str(tiny_wan.vace if vace else tmp_path / "no-vace")}
-        env = worker_env(redis_server.url, tmp_path / "data", job_types, tiny_sdxl.single_file, tiny_sdxl.folder,
-                         **wan, **extra)
-        worker = WorkerProcess("video", env, tmp_path / f"video-{len(started)}.log")
-        started.append(worker)
-        return worker.start()
+        return starter.start("video", job_types, **wan, **extra)
 
     yield make
-    for worker in started:
-        if worker.proc and worker.proc.poll() is None:
-            worker.stop()
+    starter.stop_all()
 
 
 def image_uri(size=(48, 80), color=(200, 30, 30), fmt="PNG") -> str:

@@ -11,24 +11,14 @@ from PIL import Image
 
 from tools.small_catalog import write_small_job_types
 from tests.supabase_standin import SupabaseStandin
-from tests.worker_harness import USER, WorkerProcess, contract_payload, push, wait_for, worker_env
+from tests.worker_harness import USER, WorkerStarter, contract_payload, push, wait_for
 
 
 @pytest.fixture
 def make_worker(tmp_path, redis_server, redis_client, tiny_sdxl):
-    started = []
-
-    def make(name="image", job_types=None, **extra) -> WorkerProcess:
-        job_types = job_types or write_small_job_types(tmp_path / "catalog", steps=2)
-        env = worker_env(redis_server.url, tmp_path / "data", job_types, tiny_sdxl.single_file, tiny_sdxl.folder, **extra)
-        worker = WorkerProcess(name, env, tmp_path / f"{name}-{len(started)}.log")
-        started.append(worker)
-        return worker.start()
-
-    yield make
-    for worker in started:
-        if worker.proc and worker.proc.poll() is None:
-            worker.stop()
+    starter = WorkerStarter(tmp_path, redis_server.url, tiny_sdxl)
+    yield starter.start
+    starter.stop_all()
 
 
 def local_callbacks(tmp_path, job_id):

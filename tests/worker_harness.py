@@ -93,3 +93,26 @@ def wait_for(client: redis.Redis, job_id: str, statuses=("completed", "failed"),
 
 def push(client: redis.Redis, payload: dict | str | bytes, queue: str = "sdxl_queue") -> None:
     client.lpush(queue, payload if isinstance(payload, (str, bytes)) else json.dumps(payload))
+
+
+class WorkerStarter:
+    """Starts worker processes on tiny SDXL (and whatever `**env` adds) for one test; `stop_all` at the end."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, tiny_sdxl):
+        self.tmp_path, self.redis_url, self.tiny_sdxl = tmp_path, redis_url, tiny_sdxl
+        self.started: list[WorkerProcess] = []
+
+    def start(self, name: str = "image", job_types: Path | None = None, **env) -> WorkerProcess:
+        from tools.small_catalog import write_small_job_types
+
+        job_types = job_types or write_small_job_types(self.tmp_path / "catalog", steps=2)
+        full_env = worker_env(self.redis_url, self.tmp_path / "data", job_types, self.tiny_sdxl.single_file,
+                              self.tiny_sdxl.folder, **env)
+        worker = WorkerProcess(name, full_env, self.tmp_path / f"{name}-{len(self.started)}.log")
+        self.started.append(worker)
+        return worker.start()
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            if worker.proc and worker.proc.poll() is None:
+                worker.stop()

@@ -74,11 +74,16 @@ def reroute_claim(queue: ReliableQueue, records: JobRecords, catalog: Catalog, c
         pipe.lrem(queue.processing, 1, claim.raw)
         pipe.rpush(target_queue, json.dumps(rewritten))
         pipe.hset(job_key(claim.job_id), "attempts", 0)   # a new model, a fresh set of attempts
-        records.update(claim.job_id, pipe=pipe, status="queued", phase="fell back", jobType=target.name,
-                       queue=target_queue, fallback_from=payload["jobType"], fallback_reason=reason[:REASON_MAX_CHARS])
+        _record_fallback(records, pipe, claim.job_id, payload["jobType"], target.name, target_queue, reason)
         pipe.execute()
     log.warning("job %s: %s falls back to %s on %s (%s)", claim.job_id, payload["jobType"], target.name, target_queue, reason)
     return target.name
+
+
+def _record_fallback(records: JobRecords, pipe, job_id: str, source: str, target: str, target_queue: str,
+                     reason: str) -> None:
+    records.update(job_id, pipe=pipe, status="queued", phase="fell back", jobType=target, queue=target_queue,
+                   fallback_from=source, fallback_reason=reason[:REASON_MAX_CHARS])
 
 
 def rescue_stranded(r: redis.Redis, catalog: Catalog, queue: str, reason: str, outbox: CallbackOutbox,
@@ -121,8 +126,7 @@ def _rescue_one(pipe, catalog: Catalog, queue: str, raw: bytes, reason: str, out
         rewritten, target = routed
         # The tail, in their order: a flood of rerouted jobs does not jump ahead of the target's own.
         pipe.lpush(target_queue, json.dumps(rewritten))
-        records.update(job_id, pipe=pipe, status="queued", phase="fell back", jobType=target.name,
-                       queue=target_queue, fallback_from=payload["jobType"], fallback_reason=reason[:REASON_MAX_CHARS])
+        _record_fallback(records, pipe, job_id, payload["jobType"], target.name, target_queue, reason)
         log.warning("job %s: %s falls back to %s (%s)", job_id, payload["jobType"], target.name, reason)
         return "rerouted", None
     if not enabled:

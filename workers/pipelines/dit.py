@@ -11,6 +11,7 @@ residency manager (workers/pipelines/residency.py) move the weights. Importing t
 """
 from __future__ import annotations
 
+import abc
 import logging
 from pathlib import Path
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 MIN_SIZE, MAX_SIZE = 64, 4096
 
 
-class DiTFamily:
+class DiTFamily(abc.ABC):
+    """Shared by the Qwen-Image and Z-Image families; each subclass supplies the three abstract hooks."""
     name = "dit"
     what = "image model"                 # for messages
     pipeline_classes: tuple[str, ...] = ()   # model_index.json `_class_name`s this family loads
@@ -75,12 +77,14 @@ class DiTFamily:
         return cls.pipeline_classes
 
     @classmethod
+    @abc.abstractmethod
     def _from_folder(cls, folder: Path, class_name: str, dtype: torch.dtype):
-        raise NotImplementedError
+        """The family's diffusers pipeline, loaded from `folder`."""
 
     @classmethod
+    @abc.abstractmethod
     def _variants(cls, pipe) -> dict:
-        raise NotImplementedError
+        """Mode → pipeline, the others built from `pipe` with `from_pipe` (shared weights)."""
 
     # ------------------------------------------------------------------ residency
 
@@ -165,8 +169,9 @@ class DiTFamily:
                                         f"{job.width}x{job.height}: {oom}")
         return images
 
+    @abc.abstractmethod
     def _call_kwargs(self, job, inputs: dict) -> dict:
-        raise NotImplementedError
+        """The pipeline call's keyword arguments for this job (besides callbacks and generators)."""
 
     def free_memory(self) -> None:
         free_device_memory(self.device)
