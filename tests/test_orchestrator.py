@@ -27,7 +27,8 @@ def cli(env, *args, timeout=180):
 def daemon(tmp_path, tiny_sdxl, tiny_wan):
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "EMBEDDED_REDIS_PORT": str(port),
-           "JOB_TYPES_FILE": str(write_small_job_types(tmp_path, steps=3)),
+           # 60 steps: long enough (about a second) for `--wait` to see the job generating.
+           "JOB_TYPES_FILE": str(write_small_job_types(tmp_path, steps=3, job_types={"sdxl_image_fast": {"steps": 60}})),
            "MODELS_DIR": str(tmp_path / "models"), "SDXL_MODEL_PATH": str(tiny_sdxl.single_file),
            "SDXL_CONFIG_PATH": str(tiny_sdxl.folder), "WAN_MODEL_PATH": str(tiny_wan.t2v), "DEVICE": "cpu",
            "CLAIM_TIMEOUT": "0.5",
