@@ -99,11 +99,11 @@ class Report:
     def table(self) -> str:
         cols = [("job", 26), ("variant", 34), ("s_median", 9), ("s_min", 8), ("s_max", 8), ("ratio_vs_plain", 7),
                 ("peak_alloc_gib", 7), ("peak_reserved_gib", 7), ("floor_s", 8), ("floor_fraction", 7), ("err_vs_fp32", 9), ("err_vs_plain", 9), ("err_vs_eager", 9),
-                ("step_err_vs_fp32", 9),
+                ("step_err_vs_fp32", 9), ("img_err_vs_plain", 9),
                 ("p50_ms", 7), ("p99_ms", 7)]
         heads = {"ratio_vs_plain": "×plain", "peak_alloc_gib": "GiB", "peak_reserved_gib": "resvGiB", "floor_fraction": "floor%",
                  "err_vs_fp32": "traj/fp32", "err_vs_plain": "traj/plain", "err_vs_eager": "traj/eager",
-                 "step_err_vs_fp32": "step/fp32"}
+                 "step_err_vs_fp32": "step/fp32", "img_err_vs_plain": "img/plain"}
         lines = ["  ".join(heads.get(c, c)[:w].ljust(w) for c, w in cols)]
         for r in self.rows:
             cells = []
@@ -112,7 +112,7 @@ class Report:
                 if c == "floor_fraction" and v != "":
                     v = f"{100 * v:.0f}%"
                 elif isinstance(v, float):
-                    v = f"{v:.2e}" if c.startswith("err") else f"{v:g}"
+                    v = f"{v:.2e}" if "err" in c else f"{v:g}"
                 cells.append(str(v)[:w].ljust(w))
             lines.append("  ".join(cells))
         return "\n".join(lines)

@@ -44,22 +44,34 @@ def building(device: str | torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-# Qwen2.5-VL-7B-Instruct (transformers' defaults are the 72B text model).
-QWEN25_VL_7B = Qwen2_5_VLConfig(
-    text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-                 "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
-                 "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]}},
-    vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                   "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
-    vocab_size=152064,
-)
+def qwen25_vl_7b_config(tokenizer=None) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B-Instruct (transformers' defaults are the 72B text model). With `tokenizer`, the
+    special tokens are that tokenizer's: the vision tower's features replace the `<|image_pad|>`
+    tokens the edit pipeline's prompt holds, so the two must agree."""
+    special = {}
+    if tokenizer is not None:
+        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+            ("vision_token_id", "<|vision_pad|>"))}
+        special = {**ids, "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                   "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                   "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    return Qwen2_5_VLConfig(
+        text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                     "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
+                     "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]}},
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                       "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+        vocab_size=152064, **special,
+    )
 
 
-def qwen_image_parts(kind: str = "t2i") -> dict:
+def qwen_image_parts(kind: str = "t2i", tokenizer=None) -> dict:
     """The modules of Qwen-Image 2512 (t2i) or Qwen-Image-Edit 2511 (edit), at their released sizes."""
     return {
         "transformer": QwenImageTransformer2DModel(zero_cond_t=kind == "edit"),
-        "text_encoder": Qwen2_5_VLForConditionalGeneration(QWEN25_VL_7B),
+        "text_encoder": Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config(tokenizer)),
         "vae": AutoencoderKLQwenImage(),
     }
 
@@ -79,9 +91,9 @@ def zimage_parts() -> dict:
 
 
 def qwen_image_pipeline(kind: str = "t2i", device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    with building(device, dtype):
-        parts = qwen_image_parts(kind)
     tokenizer = tiny_qwen_tokenizer(Path(tempfile.mkdtemp(prefix="qwen-tokenizer-")))
+    with building(device, dtype):
+        parts = qwen_image_parts(kind, tokenizer)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                                 base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
     if kind == "edit":
@@ -99,12 +111,13 @@ def zimage_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -
                           tokenizer=tokenizer, **parts)
 
 
-def as_family(pipe, kind: str):
-    """The production family around an in-memory pipeline, as the image worker would hold it."""
+def as_family(pipe, kind: str, loras=None):
+    """The production family around an in-memory pipeline, as the image worker would hold it
+    (`loras`: a LoraLibrary for per-job and job-type LoRAs)."""
     from workers.media import ImageLimits
     from workers.pipelines.qwen_image import QwenImageFamily
     from workers.pipelines.z_image import ZImageFamily
 
     family_class = ZImageFamily if kind == "z_image" else QwenImageFamily
     device = next(pipe.transformer.parameters()).device
-    return family_class(pipe, family_class._variants(pipe), device, ImageLimits(), None, kind)
+    return family_class(pipe, family_class._variants(pipe), device, ImageLimits(), loras, kind)

@@ -10,7 +10,10 @@ the next part run): build (real-size random-weight SDXL saved as a diffusers fol
 sdxl_image_fast), project (the production path: job_types.yaml's optimize block), wan (plain
 WanPipeline, the project's WanFamily eager and with its default regional compile), cold (a fresh
 process: ready / first job with the warm compile cache), alt (the other compile mode, batch 1 only),
-coldalt (a fresh process in that mode, warm cache), queue (CPU part). Prints a table last and writes the JSON file.
+coldalt (a fresh process in that mode, warm cache), resident (each worker in a fresh process), together
+(both workers starting at once on the card: their peak memory together), images
+(Qwen-Image 2512 quality and Lightning fast, Qwen-Image-Edit 2511 edit and inpaint, Z-Image-Turbo, and
+swap times between them under a VRAM budget), queue (CPU part). Prints a table last and writes the JSON file.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ import torch  # noqa: E402
 from bench.common import Report  # noqa: E402
 
 ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 400, "cold": 90,
-             "alt": 150, "coldalt": 90, "resident": 120, "queue": 10}
-GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident")
+             "alt": 150, "coldalt": 90, "resident": 120, "together": 150, "images": 300, "queue": 10}
+GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "together", "images")
 
 
 def versions() -> dict:
@@ -96,16 +99,69 @@ def run_cold(report: Report, state: dict, compile_mode: str | None = None) -> No
                    note="after imports; compile cache empty")
 
 
-def cold_child(report: Report, state: dict, family: str, model: Path) -> dict:
+def child_command(state: dict, family: str, model: Path) -> list[str]:
     cmd = [sys.executable, "-m", "bench.cold_start", "--family", family, "--all-jobs", "--model", str(model),
            "--data-dir", str(state["work"] / "data"), "--t0", repr(time.time())]
     if state["tiny"]:
         cmd += ["--job-types", str(state["catalog_file"])]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(60, report.left() - 20))
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")), None)
+    return cmd
+
+
+def child_result(family: str, returncode: int, stdout: str, stderr: str) -> dict:
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("COLD ")), None)
     if line is None:
-        raise RuntimeError(f"{family} child failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
+        raise RuntimeError(f"{family} child failed (rc {returncode}): {stderr[-1500:]}")
     return json.loads(line[5:])
+
+
+def cold_child(report: Report, state: dict, family: str, model: Path) -> dict:
+    proc = subprocess.run(child_command(state, family, model), cwd=REPO, capture_output=True, text=True,
+                          timeout=max(60, report.left() - 20))
+    return child_result(family, proc.returncode, proc.stdout, proc.stderr)
+
+
+def wan_folder(state: dict) -> Path:
+    from bench.wan_bench import build_real_wan, build_tiny_wan
+
+    wan = state["work"] / "wan"
+    if not (wan / "model_index.json").exists():
+        build_tiny_wan(wan) if state["tiny"] else build_real_wan(wan, state["device"])
+    return wan
+
+
+def gpu_used_by(pids: set[int]) -> float:
+    """GiB the card gives these processes (nvidia-smi: the CUDA context and everything PyTorch reserved)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0.0
+    rows = [line.split(",") for line in out.strip().splitlines() if "," in line]
+    return sum(float(mib) for pid, mib in rows if pid.strip().isdigit() and int(pid) in pids) / 1024
+
+
+def run_together(report: Report, state: dict) -> None:
+    """Both workers on the card at once, as a pod starts them: SDXL (its 1-image and 6-image jobs)
+    and Wan (video_fast, image_fast) each in a fresh process with the compile cache as it is. The
+    row: the most the card held for the two together (nvidia-smi, sampled every 0.25 s)."""
+    families = {"sdxl": state["folder"], "wan": wan_folder(state)}
+    procs = {f: subprocess.Popen(child_command(state, f, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for f, m in families.items()}
+    pids, peak, deadline = {p.pid for p in procs.values()}, 0.0, time.time() + max(60, report.left() - 20)
+    while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
+        peak = max(peak, gpu_used_by(pids))
+        time.sleep(0.25)
+    results = {}
+    for family, proc in procs.items():
+        if proc.poll() is None:
+            proc.kill()
+        stdout, stderr = proc.communicate()
+        results[family] = child_result(family, proc.returncode, stdout, stderr)
+    report.meta["together"] = results
+    report.row("both workers on one card", "concurrent fresh processes (nvidia-smi peak of the two)", None,
+               card_peak_gib=round(peak, 2), **{f"{f}_peak_reserved_gib": round(r.get("peak_reserved_gib", 0.0), 2)
+                                                for f, r in results.items()},
+               **{f"{f}_ready_s": r["ready"] for f, r in results.items()})
 
 
 def run_resident(report: Report, state: dict) -> None:
@@ -113,11 +169,7 @@ def run_resident(report: Report, state: dict) -> None:
     again on the cache the first filled. Rows: time to ready, first job, each process's peak GPU memory
     (PyTorch reserved); the card holds both processes, so their sum (+ ~0.5 GiB CUDA context each) is
     the peak with both workers resident."""
-    from bench.wan_bench import build_real_wan, build_tiny_wan
-
-    wan = state["work"] / "wan"
-    if not (wan / "model_index.json").exists():
-        build_tiny_wan(wan) if state["tiny"] else build_real_wan(wan, state["device"])
+    wan = wan_folder(state)
     families = [(f, m) for f, m in (("sdxl", state["folder"]), ("wan", wan)) if f in state["resident"]]
     for cache in ("cold", "warm"):
         peaks = 0.0
@@ -214,12 +266,18 @@ def main(argv=None) -> int:
             S.run_project(report, st["folder"], jobs[:2], device, st["storage"], st["plain"], st["fp32"], st["flops"],
                           args.runs, accel, st["alt_variant"], check_job=S.label(fast.job_type, 1))
 
+        def images(st):
+            from bench.image_bench import run_images
+
+            run_images(report, catalog, work, device, st["storage"], runs=args.runs, tiny=args.tiny)
+
         if device == "cpu":
             parts -= {"stages"}  # CUDA graphs need a GPU
         for name, fn in (("build", build), ("plain", plain), ("refs", refs), ("stages", stages), ("project", project),
                          ("wan", wan), ("cold", lambda st: run_cold(report, st)), ("alt", alt),
                          ("coldalt", lambda st: run_cold(report, st, other)),
-                         ("resident", lambda st: run_resident(report, st))):
+                         ("resident", lambda st: run_resident(report, st)),
+                         ("together", lambda st: run_together(report, st)), ("images", images)):
             section(report, parts, name, fn, state)
 
     if "queue" in parts:

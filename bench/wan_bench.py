@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import PEAK_TFLOPS, Report, peak_gib, rel_err, reset_peak, timed
 
-JOB_TYPES = ("video_fast", "image_fast")
+JOB_TYPES = ("video_fast", "image_fast")   # timed `runs` times, latents checked against plain
+ONCE = ("video_high",)                     # quality tier: a 2-step warm-up, then one timed run
 PROMPT = "a lighthouse at dusk, waves, slow camera pan"
 MODEL_KEY = "wan_2_1_1_3b"
 
@@ -149,13 +150,67 @@ def measure(report: Report, job, variant: str, fn, vae, runs: int, floor: float,
     return row, {"latents": latents, "frames": first.float() / 255}
 
 
+def measure_once(report: Report, job, variant: str, call, floor: float) -> dict:
+    """A 2-step warm-up of the same shape (a first call's kernels, allocations and any compile), then
+    one timed run of the whole job."""
+    import dataclasses
+
+    call(dataclasses.replace(job, steps=2))
+    reset_peak()
+    times, _ = timed(lambda: call(job), runs=1, warm=0)
+    return report.row(job.job_type, variant, times, floor_s=floor, **peak_gib())
+
+
+class StepProbe:
+    """One transformer call at video_fast's shape (random latents and text embeddings, t = 500): the
+    per-step numerics of compiled bf16 and eager bf16 against fp32 (TF32 off). Separates bf16
+    rounding from anything compile changes before it is amplified over 15 steps."""
+
+    def __init__(self, job, device: str, text_dim: int):
+        gen = torch.Generator().manual_seed(11)
+        lat_f = (job.frames - 1) // 4 + 1
+        self.x = torch.randn(1, 16, lat_f, job.height // 8, job.width // 8, generator=gen).to(device)
+        self.emb = torch.randn(1, 512, text_dim, generator=gen).to(device)
+        self.t = torch.tensor([500], device=device)
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run(self, name: str, transformer, dtype) -> None:
+        with torch.no_grad():
+            out = transformer(self.x.to(dtype), timestep=self.t, encoder_hidden_states=self.emb.to(dtype),
+                              return_dict=False)[0]
+        self.outputs[name] = out.float().cpu()
+
+    def fp32(self, transformer) -> None:
+        import copy
+
+        reference = copy.deepcopy(transformer).float()
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            self.run("fp32", reference, torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            del reference
+            torch.cuda.empty_cache()
+
+    def errors(self) -> dict:
+        ref = self.outputs.get("fp32")
+        out = {f"step_err_{k}_vs_fp32": rel_err(v, ref) for k, v in self.outputs.items() if k != "fp32"}
+        if "compiled" in self.outputs and "eager" in self.outputs:
+            out["step_err_compiled_vs_eager"] = rel_err(self.outputs["compiled"], self.outputs["eager"])
+        return out
+
+
 def add_errors(row: dict, out: dict, ref: dict | None, name: str = "plain") -> None:
     if ref:
         row[f"err_vs_{name}"] = rel_err(out["latents"], ref["latents"])
         row[f"img_err_vs_{name}"] = rel_err(out["frames"], ref["frames"])
 
 
-def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int = 3, tiny: bool = False) -> None:
+def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int = 3, tiny: bool = False,
+            eager: bool = False) -> None:
+    """`eager`: also time the project's eager path (it matched plain diffusers bit for bit on
+    2026-12-01), before the compiled one."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     from workers.config import Settings
@@ -169,6 +224,7 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         (build_tiny_wan if tiny else lambda f: build_real_wan(f, device))(folder)
         report.say(f"Wan folder built in {time.perf_counter() - t0:.0f}s")
     jobs = [make_job(catalog, t) for t in JOB_TYPES]
+    once = [make_job(catalog, t) for t in ONCE]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     # Plain diffusers, as its Wan example: VAE in fp32, the rest bf16.
@@ -182,19 +238,28 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         flops[job.job_type] = count_flops(pipe, job, device)
         _, plain[job.job_type] = measure(report, job, "plain diffusers bf16, VAE fp32", lambda: plain_call(pipe, job, device),
                                          pipe.vae, runs, floor_s(flops[job.job_type], job))
+    for job in once:
+        flops[job.job_type] = count_flops(pipe, job, device)
+        measure_once(report, job, "plain diffusers bf16, VAE fp32", lambda j: plain_call(pipe, j, device),
+                     floor_s(flops[job.job_type], job))
     report.meta["wan_flops"] = {k: {n: round(v / 1e12, 2) for n, v in f.items()} for k, f in flops.items()}
+    probe = StepProbe(jobs[0], device, pipe.transformer.config.text_dim)
+    probe.run("eager", pipe.transformer, pipe.transformer.dtype)
+    if device == "cuda":
+        probe.fp32(pipe.transformer)
     del pipe, vae
     torch.cuda.empty_cache() if device == "cuda" else None
 
     t0 = time.perf_counter()
     family = WanFamily.load(LoadOptions(model_path=folder, config_path=None, device=device, cache_dir=None))
     report.meta["wan_project_load_s"] = round(time.perf_counter() - t0, 2)
-    eager = {}
-    for job in jobs:
-        row, eager[job.job_type] = measure(report, job, "project eager", lambda: project_call(family, job, storage),
-                                           family.pipe.vae, runs, floor_s(flops[job.job_type], job))
-        add_errors(row, eager[job.job_type], plain[job.job_type])
+    eager_out = {}
+    for job in jobs if eager or device != "cuda" else ():
+        row, eager_out[job.job_type] = measure(report, job, "project eager", lambda: project_call(family, job, storage),
+                                               family.pipe.vae, runs, floor_s(flops[job.job_type], job))
+        add_errors(row, eager_out[job.job_type], plain[job.job_type])
     if device != "cuda":
+        report.meta["wan_step_numerics"] = probe.errors()
         return
     settings = Settings.from_env({"DATA_DIR": str(work / "data")})
     accel = wan_accel.WanAcceleration.for_model(catalog, MODEL_KEY, settings)
@@ -207,5 +272,12 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         row, out = measure(report, job, "project default: compile=blocks", lambda: project_call(family, job, storage),
                            family.pipe.vae, runs, floor_s(flops[job.job_type], job))
         add_errors(row, out, plain[job.job_type])
-        add_errors(row, out, eager[job.job_type], "eager")
+        add_errors(row, out, eager_out.get(job.job_type), "eager")
+    for job in once:
+        measure_once(report, job, "project default: compile=blocks", lambda j: project_call(family, j, storage),
+                     floor_s(flops[job.job_type], job))
+    probe.run("compiled", family.pipe.transformer, family.pipe.transformer.dtype)
+    report.meta["wan_step_numerics"] = probe.errors()
+    report.row("wan one step at video_fast's shape", "numerics: compiled / eager bf16 vs fp32", None,
+               **report.meta["wan_step_numerics"])
     del family

@@ -22,6 +22,20 @@ def test_real_size_configs_match_the_released_models():
     assert torch.get_default_dtype() == torch.float32
 
 
+def test_real_size_text_encoder_knows_the_tokenizers_image_tokens(tmp_path):
+    """The edit pipeline's prompt carries `<|image_pad|>` tokens that the vision features replace:
+    with the released config's ids (a 152k vocabulary) and the bench's byte-level tokenizer they
+    never matched ("tokens: 0, features: 196" on the GPU)."""
+    from bench.image_models import qwen25_vl_7b_config
+    from tools.tiny_qwen import tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer(tmp_path)
+    config = qwen25_vl_7b_config(tokenizer)
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert config.image_token_id != qwen25_vl_7b_config().image_token_id
+
+
 def test_as_family_wraps_an_in_memory_pipeline_like_the_worker(tmp_path):
     """The bench times the production family on pipelines it built in memory; here on the tiny ones."""
     from bench.image_models import as_family

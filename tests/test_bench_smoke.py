@@ -1,0 +1,39 @@
+"""The benchmark's own code on tiny models (CPU): every part it runs on the GPU machine runs here
+too, so a GPU lease never finds it broken. Speed is not asserted; what the bench checks is."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_parts_run_on_tiny_models(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--json", str(out), "--runs", "1",
+                           "--work-dir", str(tmp_path / "work"), "--parts", "build,wan,together,images"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not [n for n in result["notes"] if "failed" in n or "skipped" in n], result["notes"]
+    rows = result["rows"]
+
+    def row(job, variant_start):
+        return next(r for r in rows if r["job"] == job and r["variant"].startswith(variant_start))
+
+    # Image models: the project's whole job gives plain diffusers' pixels for the same seed (LoRA too).
+    for job in ("z_image_turbo", "qwen_image_2512", "qwen_image_2512_fast", "qwen_image_edit_2511",
+                "qwen_image_inpaint_2511"):
+        assert row(job, "plain diffusers")["s_median"] > 0
+        assert row(job, "project")["img_err_vs_plain"] == 0.0, job
+    # Swaps under a budget that holds one large model: models really leave and come back.
+    swaps = [r for r in rows if r["job"].startswith("swap")]
+    assert len(swaps) == 9 and {r["residency"] for r in swaps} <= {"warm", "resident"}
+    assert any(r["evicted"] != "-" for r in swaps)
+    # Wan: the eager project path is plain diffusers bit for bit (CPU, fp32).
+    assert row("video_fast", "project eager")["err_vs_plain"] == 0.0
+    assert row("video_high", "plain diffusers")["runs"] == 1
+    together = row("both workers on one card", "concurrent")
+    assert together["sdxl_ready_s"] > 0 and together["wan_ready_s"] > 0
