@@ -229,15 +229,17 @@ def swaps(report: Report, state: dict) -> None:
                    evicted=",".join(result["evicted"]) or "-", model_gib=round(sizes[key] / GIB, 2))
 
 
+STEPS = ("z_image", "qwen_t2i", "swaps", "qwen_edit")
+
+
 def run_images(report: Report, catalog, work: Path, device: str, storage, runs: int = 3, tiny: bool = False,
-               which: tuple[str, ...] = ("z_image", "qwen_t2i", "swaps", "qwen_edit")) -> None:
+               which: tuple[str, ...] = STEPS) -> None:
     state = {"catalog": catalog, "work": work, "device": device, "storage": storage, "runs": runs, "tiny": tiny,
              "families": {}, "report": report}
     steps = {"z_image": z_image, "qwen_t2i": qwen_t2i, "swaps": swaps, "qwen_edit": qwen_edit}
     for name in which:
-        if name == "qwen_edit":   # 20B more: the text-to-image model leaves the GPU first
-            state["families"].clear()
-            torch.cuda.empty_cache() if device == "cuda" else None
+        if name == "qwen_edit" and state["families"].pop("qwen_image_2512", None) is not None:
+            torch.cuda.empty_cache() if device == "cuda" else None   # 20B more: the text-to-image model goes first
         report.say(f"--- images: {name}")
         try:
             steps[name](report, state)

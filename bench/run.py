@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import platform
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from bench.common import Report  # noqa: E402
 
 ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 400, "cold": 90,
              "alt": 150, "coldalt": 90, "resident": 120, "together": 150, "images": 300, "queue": 10}
-GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "together", "images")
+GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "images", "together")
 
 
 def versions() -> dict:
@@ -199,9 +200,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per job after one warm-up")
     ap.add_argument("--tiny", action="store_true", help="tiny random models and 64x64 jobs: a smoke run")
     ap.add_argument("--resident", default="sdxl,wan", help="families the resident part starts (fresh processes)")
+    ap.add_argument("--images", default="z_image,qwen_t2i,swaps,qwen_edit",
+                    help="steps of the images part, in order (swaps: between the models built before it)")
     ap.add_argument("--work-dir", default=None, help="models, storage and compile cache (default: a new temp dir)")
     args = ap.parse_args(argv)
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("workers").setLevel(logging.INFO)   # model loads, moves and swaps, with their times
     report = Report(budget_s=args.budget)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = set((args.parts or (",".join(GPU_PARTS) if device == "cuda" else "queue")).split(","))
@@ -269,7 +274,8 @@ def main(argv=None) -> int:
         def images(st):
             from bench.image_bench import run_images
 
-            run_images(report, catalog, work, device, st["storage"], runs=args.runs, tiny=args.tiny)
+            run_images(report, catalog, work, device, st["storage"], runs=args.runs, tiny=args.tiny,
+                       which=tuple(args.images.split(",")))
 
         if device == "cpu":
             parts -= {"stages"}  # CUDA graphs need a GPU
@@ -277,7 +283,7 @@ def main(argv=None) -> int:
                          ("wan", wan), ("cold", lambda st: run_cold(report, st)), ("alt", alt),
                          ("coldalt", lambda st: run_cold(report, st, other)),
                          ("resident", lambda st: run_resident(report, st)),
-                         ("together", lambda st: run_together(report, st)), ("images", images)):
+                         ("images", images), ("together", lambda st: run_together(report, st))):
             section(report, parts, name, fn, state)
 
     if "queue" in parts:

@@ -8,6 +8,8 @@ import pytest
 from tools.small_catalog import small_catalog
 from workers.job import parse_job
 from workers.pipelines.base import LoadOptions, ModelUnavailable
+from workers.pipelines.host_copy import HostCopy
+from workers.pipelines.lora import LoraLibrary
 from workers.pipelines.qwen_image import QwenImageFamily
 from workers.pipelines.residency import Residency, ResidentFamilies, family_modules, weight_bytes
 from workers.pipelines.sdxl import SDXLFamily
@@ -124,3 +126,46 @@ def test_no_budget_keeps_everything_and_a_missing_checkpoint_fails_its_jobs(load
         families["gone"].check(job(catalog, "z_image_turbo"))
     residency.forget("gone")
     assert "gone" not in residency.states
+
+
+def test_kept_host_copies_copy_only_what_changed(tiny_image_models, catalog, tmp_path, monkeypatch):
+    """host_copies=True on the CPU: the CUDA path's bookkeeping. A model's host copy is made at its first
+    eviction; later ones copy only its new LoRA adapter, then nothing, and need no RAM to spare."""
+    library = LoraLibrary(tiny_image_models.loras, url_hosts=("127.0.0.1",), max_bytes=1_000_000,
+                          download_dir=tmp_path, timeout=5)
+
+    def opts(path):
+        return LoadOptions(model_path=path, config_path=None, device="cpu", cache_dir=None)
+
+    loaders = {"qwen": lambda: QwenImageFamily.load(opts(tiny_image_models.qwen), kind="qwen_image"),
+               "zimage": lambda: ZImageFamily.load(opts(tiny_image_models.zimage), loras=library)}
+    copied: list[int] = []
+    store = HostCopy.store
+    monkeypatch.setattr(HostCopy, "store", lambda self, modules: copied.append(store(self, modules)) or copied[-1])
+    size = sizes(loaders)
+    residency = Residency(loaders, "cpu", budget_bytes=max(size.values()), host_reserve_bytes=0, host_copies=True)
+    families = ResidentFamilies(residency)
+    z_job, q_job = job(catalog, "z_image_turbo"), job(catalog, "qwen_image_2512")
+    z_lora = parse_job({"jobId": "job-z-lora", "userId": "u", "jobType": "z_image_turbo", "prompt": "a boat",
+                        "seed": 7, "numImages": 1, "loras": [{"name": "z-character"}]}, catalog)
+
+    z_first, _ = run(families, "zimage", z_job)
+    q_first, _ = run(families, "qwen", q_job)              # Z-Image out: its host copy made, every byte
+    assert copied == [size["zimage"]] and residency.entries["zimage"].host.nbytes >= size["zimage"]
+
+    residency.host_reserve = 1 << 60                        # no RAM to spare from here on
+    with_lora, report = run(families, "zimage", z_lora)    # Qwen has no host copy: dropped
+    assert report["residency"] == "warm" and report["evicted"] == ["qwen"]
+    assert residency.entries["qwen"].family is None and copied == [size["zimage"]]
+    assert not np.array_equal(with_lora, z_first)
+
+    q_again, report = run(families, "qwen", q_job)         # Z-Image out again: kept, only the adapter copied
+    assert report["residency"] == "cold" and residency.entries["zimage"].where == "host"
+    assert 0 < copied[-1] < size["zimage"] / 10
+
+    z_again, report = run(families, "zimage", z_job)       # adapter loaded but off: the first image again
+    assert report["residency"] == "warm" and np.array_equal(z_again, z_first)
+    run(families, "qwen", q_job)
+    assert copied[-1] == 0 and residency.entries["zimage"].where == "host"   # nothing changed on the device
+    assert np.array_equal(run(families, "zimage", z_lora)[0], with_lora)
+    assert np.array_equal(q_again, q_first)

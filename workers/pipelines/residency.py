@@ -7,7 +7,9 @@
 The most recently used models stay on the GPU while their weights fit `budget_bytes`; to make room,
 the least recently used go to pinned CPU memory (a later swap back is a fast host-to-device copy),
 or are dropped when that would leave less than `host_reserve_bytes` of RAM (they load from disk
-again, cold). A model whose weights CUDA graphs point at (SDXL with graphs) is never moved.
+again, cold). A model's pinned copy (host_copy.py) is made at its first eviction and kept: later
+evictions copy only what changed on the GPU (nothing, or its LoRA adapters) and need no new RAM.
+A model whose weights CUDA graphs point at (SDXL with graphs) is never moved.
 `budget_bytes=None`: no limit, every model stays where it loaded. `states` (model → a short line)
 is kept current for the worker's heartbeat, and so for /health and `dual_orchestrator.py queues`.
 """
@@ -24,6 +26,7 @@ import psutil
 import torch
 
 from workers.pipelines.base import GenerationOutOfMemory
+from workers.pipelines.host_copy import HostCopy, on_device
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -35,6 +38,7 @@ class _Entry:
     where: str = "unloaded"           # "device", "host" or "unloaded"
     nbytes: int = 0
     load_ms: float | None = None      # a load from disk not yet reported to a job (cold)
+    host: HostCopy | None = None      # its weights in pinned CPU memory, kept from the first eviction on
 
 
 def family_modules(family) -> list[torch.nn.Module]:
@@ -63,9 +67,11 @@ def pinned(family) -> bool:
 class Residency:
     def __init__(self, loaders: dict[str, Callable[[], object]], device: torch.device | str,
                  budget_bytes: int | None = None, host_reserve_bytes: int = 8 * GIB,
-                 states: dict[str, str] | None = None):
+                 states: dict[str, str] | None = None, host_copies: bool | None = None):
         self.loaders = loaders
         self.device = torch.device(device)
+        # Kept host copies (host_copy.py): on CUDA by default; on the CPU for tests only.
+        self.host_copies = self.device.type == "cuda" if host_copies is None else host_copies
         self.budget = budget_bytes
         self.host_reserve = host_reserve_bytes
         self.entries: OrderedDict[str, _Entry] = OrderedDict((key, _Entry()) for key in loaders)  # LRU first
@@ -98,9 +104,9 @@ class Residency:
         evicted = self._make_room(key)   # also after a load straight onto the device (SDXL)
         if entry.where != "device":
             try:
-                self._move(family, self.device)
+                self._move(key, entry, to_device=True)
             except torch.cuda.OutOfMemoryError:
-                self._move(family, torch.device("cpu"))   # not half on the GPU: the next job tries again
+                self._move(key, entry, to_device=False)   # not half on the GPU: the next job tries again
                 self._publish()
                 raise
             entry.where = "device"
@@ -114,7 +120,9 @@ class Residency:
     def forget(self, key: str) -> None:
         """A model that cannot load (missing checkpoint): its jobs fail with the reason instead."""
         self.loaders.pop(key, None)
-        self.entries.pop(key, None)
+        entry = self.entries.pop(key, None)
+        if entry is not None and entry.host is not None:
+            entry.host.release()
         self.states.pop(key, None)
 
     def publish_to(self, states: dict[str, str]) -> None:
@@ -150,27 +158,43 @@ class Residency:
         return evicted
 
     def _evict(self, key: str, entry: _Entry) -> None:
-        started = time.perf_counter()
-        if psutil.virtual_memory().available - entry.nbytes < self.host_reserve:
+        # A kept host copy already holds the weights: no new RAM. Otherwise all of them need room.
+        if entry.host is None and psutil.virtual_memory().available - entry.nbytes < self.host_reserve:
             entry.family, entry.where = None, "unloaded"    # RAM is short: read from disk next time
-            how = "dropped (RAM short)"
+            log.info("model %s dropped (RAM short: %.1f GiB would leave less than %.1f GiB)",
+                     key, entry.nbytes / GIB, self.host_reserve / GIB)
         else:
-            self._move(entry.family, torch.device("cpu"))
+            self._move(key, entry, to_device=False)
             entry.where = "host"
-            how = "moved to pinned CPU memory" if self.device.type == "cuda" else "moved to CPU memory"
         self.evictions.append(key)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        log.info("model %s %s in %.0f ms", key, how, (time.perf_counter() - started) * 1000)
 
-    def _move(self, family, device: torch.device) -> None:
-        for module in family_modules(family):
-            module.to(device, non_blocking=device.type == "cuda")
-            if device.type == "cpu" and self.device.type == "cuda":
-                for tensor in list(module.parameters()) + list(module.buffers()):
-                    tensor.data = tensor.data.pin_memory()   # page-locked: the way back is a fast DMA copy
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _move(self, key: str, entry: _Entry, to_device: bool) -> None:
+        started = time.perf_counter()
+        modules = family_modules(entry.family)
+        device = self.device if to_device else torch.device("cpu")
+        if self.host_copies and (entry.host is not None or HostCopy.supports(modules)):
+            if to_device:   # without a host copy yet: the first move, all or nothing (an OOM changes nothing)
+                copied = (entry.host or HostCopy(self.device)).restore(modules)
+            elif entry.host is None and not any(on_device(t, self.device) for m in modules for t in m.parameters()):
+                return      # that first move failed: all still on the CPU, no host copy needed yet
+            else:
+                entry.host = entry.host or HostCopy(self.device)
+                copied = entry.host.store(modules)
+        else:   # a CPU-only worker (no-op), or weights a flat buffer cannot hold
+            for module in modules:
+                module.to(device, non_blocking=device.type == "cuda")
+                if not to_device and self.device.type == "cuda":
+                    for tensor in list(module.parameters()) + list(module.buffers()):
+                        tensor.data = tensor.data.pin_memory()   # page-locked: the way back is a fast DMA copy
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            copied = entry.nbytes if self.device.type == "cuda" else 0
+        where = str(device) if to_device else "pinned CPU memory" if self.device.type == "cuda" else "CPU memory"
+        current = ": host copy current" if not to_device and entry.host is not None and copied == 0 else ""
+        log.info("model %s moved to %s in %.0f ms (%.2f of %.1f GiB copied%s)", key, where,
+                 (time.perf_counter() - started) * 1000, copied / GIB, entry.nbytes / GIB, current)
 
     def _where(self, family) -> str:
         """Right after a load. On a CPU-only worker weights count as on the device once a job made
