@@ -82,14 +82,19 @@ def make_job(catalog, job_type: str, n: int, seed: int = 1000):
 
 
 class Capture:
-    """The latents entering the VAE decoder (a forward pre-hook; nothing is replaced)."""
+    """The latents entering the VAE decoder (a forward pre-hook; nothing is replaced). A sliced
+    decode (the project's, image by image) calls it once per image: the parts are joined."""
 
     def __init__(self, vae):
-        self.latents = None
+        self._parts: list[torch.Tensor] = []
         self._handle = vae.post_quant_conv.register_forward_pre_hook(self._hook)
 
+    @property
+    def latents(self) -> torch.Tensor | None:
+        return torch.cat(self._parts) if self._parts else None
+
     def _hook(self, module, args):
-        self.latents = args[0].detach().float().cpu()
+        self._parts.append(args[0].detach().float().cpu())
 
     def remove(self):
         self._handle.remove()
