@@ -29,7 +29,8 @@ TERMINAL = ("completed", "failed")
 def cmd_run(args) -> int:
     from workers.embedded_redis import EmbeddedRedis
     from workers.env_check import check_environment, fatal, format_findings
-    from workers.supervisor import ProcessSpec, Supervisor
+    from workers.preload import PreloadedSpawner
+    from workers.supervisor import ProcessSpec, Supervisor, popen_spawn
     from workers.worker_process import setup_logging
 
     setup_logging("orchestrator")
@@ -54,7 +55,9 @@ def cmd_run(args) -> int:
     gateway = _gateway_spec(settings, {**env, "PYTHONPATH": str(repo)})
     if gateway is not None:
         specs.append(gateway)
-    supervisor = Supervisor(specs, run_dir=settings.data_dir / "run")
+    # Workers fork from a server that imported the stack once: a restart skips the imports.
+    spawn = PreloadedSpawner() if settings.preload_workers else popen_spawn
+    supervisor = Supervisor(specs, run_dir=settings.data_dir / "run", spawn=spawn)
     stop = threading.Event()
     redis_url = env["REDIS_URL"] if embedded else settings.redis_url
     _publish_status(supervisor, settings, catalog, redis_url, stop, embedded)

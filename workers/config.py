@@ -258,6 +258,7 @@ class Settings:
     lora_url_hosts: tuple[str, ...] = ()  # hosts a job's LoRA URL may name; empty: no URLs
     fallback_routing: bool = True   # FALLBACK_ROUTING=0: sdxl jobs fail instead of running as their fallback
     overlap_finish: bool = True     # OVERLAP_FINISH=0: encode/upload/callback before the next job starts
+    preload_workers: bool = True    # PRELOAD_WORKERS=0: workers start as plain subprocesses (workers/preload.py)
 
     @property
     def local_mode(self) -> bool:
@@ -306,6 +307,7 @@ class Settings:
             optimize=env.get("OPTIMIZE", "1").lower() not in ("0", "false", "no", "off"),
             fallback_routing=env.get("FALLBACK_ROUTING", "1").lower() not in ("0", "false", "no", "off"),
             overlap_finish=env.get("OVERLAP_FINISH", "1").lower() not in ("0", "false", "no", "off"),
+            preload_workers=env.get("PRELOAD_WORKERS", "1").lower() not in ("0", "false", "no", "off"),
             video_vram_budget_gib=_positive_or_none(env, "VIDEO_VRAM_BUDGET_GIB"),
             health_host=env.get("HEALTH_HOST") or "127.0.0.1",
             health_port=int(_env_float(env, "HEALTH_PORT", 9464)),

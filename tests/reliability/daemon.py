@@ -38,19 +38,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def children(pid: int) -> dict[int, str]:
-    """Direct children of `pid` → their command line (Linux /proc)."""
-    found = {}
+def descendants(pid: int) -> dict[int, str]:
+    """Processes below `pid` (children, and the workers its fork server forked) → "command line
+    [name]" (Linux /proc; a forked worker names itself, e.g. [image_worker])."""
+    parent_of, text = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            if ppid == pid:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent_of[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            text[int(entry.name)] = f"{cmd} [{(entry / 'comm').read_text().strip()}]"
         except (OSError, ValueError):
             continue  # exited while we looked
+    found, frontier = {}, {pid}
+    while frontier:
+        frontier = {child for child, parent in parent_of.items() if parent in frontier and child not in found}
+        found.update({child: text.get(child, "") for child in frontier})
     return found
 
 
@@ -135,7 +140,7 @@ class Daemon:
         """Last resort at cleanup: SIGKILL the orchestrator and the processes it started."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        kids = children(self.proc.pid)
+        kids = descendants(self.proc.pid)
         self.proc.kill()
         self.proc.wait(10)
         for pid in kids:
@@ -184,20 +189,20 @@ class Daemon:
         pid = info.get("pid")
         if info.get("state") != "running" or pid is None:
             return None
-        return pid if f"workers.{name}_worker" in children(self.proc.pid).get(pid, "") else None
+        return pid if f"{name}_worker" in descendants(self.proc.pid).get(pid, "") else None
 
     def kill9(self, pid: int) -> bool:
         return self.signal_child(pid, signal.SIGKILL)
 
     def signal_child(self, pid: int | None, sig: int) -> bool:
-        """Signal one of the orchestrator's children (checked by parent pid: never a stranger)."""
-        if pid is None or pid not in children(self.proc.pid):
+        """Signal one of the orchestrator's processes (checked by ancestry: never a stranger)."""
+        if pid is None or pid not in descendants(self.proc.pid):
             return False
         os.kill(pid, sig)
         return True
 
     def redis_pid(self) -> int | None:
-        return next((pid for pid, cmd in children(self.proc.pid).items() if "redis-server" in cmd), None)
+        return next((pid for pid, cmd in descendants(self.proc.pid).items() if "redis-server" in cmd), None)
 
     # --- jobs -----------------------------------------------------------------------------------
     def push(self, body: dict | bytes | str, queue: str | None = None) -> None:
