@@ -32,9 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--job-types", default=None, help="catalog file (default: the repository's)")
     ap.add_argument("--family", default="sdxl", choices=("sdxl", "wan"))
     ap.add_argument("--all-jobs", action="store_true", help="SDXL: also the 6-image job after the first")
+    ap.add_argument("--out", default=None, help="also write the result JSON here (a forked child's stdout is not a pipe)")
     args = ap.parse_args(argv)
     t0 = args.t0 if args.t0 is not None else time.time()
-    marks = {}
+    marks = {"preimported": "torch" in sys.modules}   # forked from the preloaded server (workers/preload.py)
 
     import torch
     from pathlib import Path
@@ -77,7 +78,15 @@ def main(argv=None) -> int:
     marks.update(peak_memory())
     marks["accel"] = family.accel_report
     marks["compile_stats"] = compile_stats()
-    print("COLD " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in marks.items()}), flush=True)
+    return emit(args, marks)
+
+
+def emit(args, marks: dict) -> int:
+    line = json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in marks.items()})
+    print("COLD " + line, flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(line)
     return 0
 
 
@@ -118,8 +127,7 @@ def wan_main(args, t0: float, marks: dict, catalog, device: str, data) -> int:
             marks["first_job_done"] = time.time() - t0
     marks["accel"] = family.accel_report
     marks.update(peak_memory())
-    print("COLD " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in marks.items()}), flush=True)
-    return 0
+    return emit(args, marks)
 
 
 if __name__ == "__main__":

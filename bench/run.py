@@ -10,7 +10,8 @@ the next part run): build (real-size random-weight SDXL saved as a diffusers fol
 sdxl_image_fast), project (the production path: job_types.yaml's optimize block), wan (plain
 WanPipeline, the project's WanFamily eager and with its default regional compile), cold (a fresh
 process: ready / first job with the warm compile cache), alt (the other compile mode, batch 1 only),
-coldalt (a fresh process in that mode, warm cache), resident (each worker in a fresh process), together
+coldalt (a fresh process in that mode, warm cache), resident (each worker in a fresh process), preloaded
+(each worker forked from the preloaded server, as the daemon restarts it), together
 (both workers starting at once on the card: their peak memory together), images
 (Qwen-Image 2512 quality and Lightning fast, Qwen-Image-Edit 2511 edit and inpaint, Z-Image-Turbo, and
 swap times between them under a VRAM budget), queue (CPU part). Prints a table last and writes the JSON file.
@@ -38,8 +39,8 @@ import torch  # noqa: E402
 from bench.common import Report  # noqa: E402
 
 ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 400, "cold": 90,
-             "alt": 150, "coldalt": 90, "resident": 120, "together": 150, "images": 300, "queue": 10}
-GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "images", "together")
+             "alt": 150, "coldalt": 90, "resident": 120, "preloaded": 100, "together": 150, "images": 300, "queue": 10}
+GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "preloaded", "images", "together")
 
 
 def versions() -> dict:
@@ -128,6 +129,35 @@ def wan_folder(state: dict) -> Path:
     if not (wan / "model_index.json").exists():
         build_tiny_wan(wan) if state["tiny"] else build_real_wan(wan, state["device"])
     return wan
+
+
+def run_preloaded(report: Report, state: dict) -> None:
+    """Restarts as the daemon makes them (workers/preload.py): each worker forked from a server that
+    imported the stack before, with the compile cache as earlier parts left it. Compare with the
+    `cold` and `resident` rows, whose fresh interpreters import everything first."""
+    import os
+
+    from workers.preload import PreloadedSpawner
+
+    module = "bench.cold_start"
+    spawner = PreloadedSpawner(forkable=lambda argv: module if argv[1:3] == ["-m", module] else None)
+    warm = spawner([sys.executable, "-m", module, "--help"], dict(os.environ))   # the server's imports, once
+    warm.wait(timeout=300)
+    for family, model in (("sdxl", state["folder"]), ("wan", wan_folder(state))):
+        if family not in state["resident"]:
+            continue
+        out = state["work"] / f"preloaded-{family}.json"
+        out.unlink(missing_ok=True)
+        cmd = child_command(state, family, model) + ["--out", str(out)]
+        cmd[cmd.index("--t0") + 1] = repr(time.time())
+        code = spawner(cmd, dict(os.environ)).wait(timeout=max(60, report.left() - 20))
+        if code != 0 or not out.exists():
+            raise RuntimeError(f"preloaded {family} child failed (exit {code})")
+        r = json.loads(out.read_text())
+        report.meta.setdefault("preloaded", {})[family] = r
+        report.row(f"{family} time to ready (preloaded fork)", "forked from the preloaded server, cache as left",
+                   [r["ready"]], first_job_done_s=r["first_job_done"], imports_s=r["imports"],
+                   preimported=r["preimported"], peak_reserved_gib=round(r.get("peak_reserved_gib", 0.0), 2))
 
 
 def gpu_used_by(pids: set[int]) -> float:
@@ -283,6 +313,7 @@ def main(argv=None) -> int:
                          ("wan", wan), ("cold", lambda st: run_cold(report, st)), ("alt", alt),
                          ("coldalt", lambda st: run_cold(report, st, other)),
                          ("resident", lambda st: run_resident(report, st)),
+                         ("preloaded", lambda st: run_preloaded(report, st)),
                          ("images", images), ("together", lambda st: run_together(report, st))):
             section(report, parts, name, fn, state)
 

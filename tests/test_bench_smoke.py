@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_parts_run_on_tiny_models(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--json", str(out), "--runs", "1",
-                           "--work-dir", str(tmp_path / "work"), "--parts", "build,plain,project,wan,together,images"],
+                           "--work-dir", str(tmp_path / "work"), "--parts", "build,plain,project,wan,preloaded,together,images"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -37,5 +37,7 @@ def test_bench_parts_run_on_tiny_models(tmp_path):
     # Wan: the eager project path is plain diffusers bit for bit (CPU, fp32).
     assert row("video_fast", "project eager")["err_vs_plain"] == 0.0
     assert row("video_high", "plain diffusers")["runs"] == 1
+    for family in ("sdxl", "wan"):   # forked from the server that had imported the stack already
+        assert row(f"{family} time to ready (preloaded fork)", "forked")["preimported"] is True
     together = row("both workers on one card", "concurrent")
     assert together["sdxl_ready_s"] > 0 and together["wan_ready_s"] > 0

@@ -89,7 +89,7 @@ def run_forked(module: str, env: dict[str, str], argv: list[str]) -> None:
     _name_process(module.rsplit(".", 1)[-1])
     if not _cuda_usable_after_fork():
         os.execve(argv[0], argv, env)   # a fresh interpreter in this process: the plain start
-    sys.argv = [module]
+    sys.argv = [module, *argv[3:]]   # as `python -m module args...` would see them
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
