@@ -56,7 +56,10 @@ def cmd_run(args) -> int:
     if gateway is not None:
         specs.append(gateway)
     # Workers fork from a server that imported the stack once: a restart skips the imports.
-    spawn = PreloadedSpawner() if settings.preload_workers else popen_spawn
+    spawn = popen_spawn
+    if settings.preload_workers:
+        spawn = PreloadedSpawner()
+        log.info("worker imports done once in %.1fs (preloaded fork server)", spawn.warm())
     supervisor = Supervisor(specs, run_dir=settings.data_dir / "run", spawn=spawn)
     stop = threading.Event()
     redis_url = env["REDIS_URL"] if embedded else settings.redis_url

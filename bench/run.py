@@ -141,8 +141,7 @@ def run_preloaded(report: Report, state: dict) -> None:
 
     module = "bench.cold_start"
     spawner = PreloadedSpawner(forkable=lambda argv: module if argv[1:3] == ["-m", module] else None)
-    warm = spawner([sys.executable, "-m", module, "--help"], dict(os.environ))   # the server's imports, once
-    warm.wait(timeout=300)
+    report.meta["preload_server_imports_s"] = round(spawner.warm(), 2)   # once, as at the daemon's start
     for family, model in (("sdxl", state["folder"]), ("wan", wan_folder(state))):
         if family not in state["resident"]:
             continue

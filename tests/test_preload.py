@@ -46,6 +46,13 @@ def test_only_worker_modules_are_forked():
     assert worker_module([sys.executable, "-m", "workers.submit"]) is None
 
 
+def test_warm_waits_for_the_servers_imports_and_leaves_no_child(spawn):
+    import multiprocessing
+
+    assert spawn.warm() >= 0
+    assert not [p for p in multiprocessing.active_children() if p.name == "preload-warm-up"]
+
+
 def test_child_runs_as_main_with_its_env_and_preloaded_modules(spawn, tmp_path):
     proc, out = start(spawn, tmp_path, PRELOAD_TEST="hello", PRELOAD_TEST_EXIT="7")
     assert proc.wait(timeout=30) == 7 and proc.poll() == 7

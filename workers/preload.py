@@ -22,6 +22,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 
 log = logging.getLogger(__name__)
 PRELOAD = ("torch", "diffusers", "transformers", "workers.runner", "workers.pipelines.sdxl",
@@ -73,6 +74,15 @@ class PreloadedSpawner:
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(list(modules))
 
+    def warm(self) -> float:
+        """Start the server and wait until its imports are done (a no-op child is forked after them),
+        so that no spawn later blocks on them while the supervisor holds its lock. Returns seconds."""
+        started = time.monotonic()
+        process = self.context.Process(target=_noop, name="preload-warm-up")
+        process.start()
+        process.join()
+        return time.monotonic() - started
+
     def __call__(self, argv: list[str], env: dict[str, str]):
         module = self.forkable(argv)
         if module is None:
@@ -80,6 +90,10 @@ class PreloadedSpawner:
         process = self.context.Process(target=run_forked, args=(module, env, argv), name=module, daemon=False)
         process.start()
         return ForkedWorker(process)
+
+
+def _noop() -> None:
+    """The warm-up child: forked once the server's imports are done; nothing to do."""
 
 
 def run_forked(module: str, env: dict[str, str], argv: list[str]) -> None:
