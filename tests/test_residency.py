@@ -150,22 +150,90 @@ def test_kept_host_copies_copy_only_what_changed(tiny_image_models, catalog, tmp
                         "seed": 7, "numImages": 1, "loras": [{"name": "z-character"}]}, catalog)
 
     z_first, _ = run(families, "zimage", z_job)
-    q_first, _ = run(families, "qwen", q_job)              # Z-Image out: its host copy made, every byte
-    assert copied == [size["zimage"]] and residency.entries["zimage"].host.nbytes >= size["zimage"]
+    q_first, _ = run(families, "qwen", q_job)              # Z-Image out: its host copies made, every byte
+    kept = sum(residency.hosts[id(m)][1].nbytes for m in residency.entries["zimage"].modules)
+    assert sum(copied) == size["zimage"] and kept >= size["zimage"]
 
     residency.host_reserve = 1 << 60                        # no RAM to spare from here on
+    stores = len(copied)
     with_lora, report = run(families, "zimage", z_lora)    # Qwen has no host copy: dropped
     assert report["residency"] == "warm" and report["evicted"] == ["qwen"]
-    assert residency.entries["qwen"].family is None and copied == [size["zimage"]]
+    assert residency.entries["qwen"].family is None and len(copied) == stores
     assert not np.array_equal(with_lora, z_first)
 
+    stores = len(copied)
     q_again, report = run(families, "qwen", q_job)         # Z-Image out again: kept, only the adapter copied
     assert report["residency"] == "cold" and residency.entries["zimage"].where == "host"
-    assert 0 < copied[-1] < size["zimage"] / 10
+    assert 0 < sum(copied[stores:]) < size["zimage"] / 10
 
     z_again, report = run(families, "zimage", z_job)       # adapter loaded but off: the first image again
     assert report["residency"] == "warm" and np.array_equal(z_again, z_first)
+    stores = len(copied)
     run(families, "qwen", q_job)
-    assert copied[-1] == 0 and residency.entries["zimage"].where == "host"   # nothing changed on the device
+    assert len(copied) > stores and sum(copied[stores:]) == 0   # nothing changed on the device
+    assert residency.entries["zimage"].where == "host"
     assert np.array_equal(run(families, "zimage", z_lora)[0], with_lora)
     assert np.array_equal(q_again, q_first)
+
+
+def test_identical_text_encoders_are_one_module_and_stay_while_their_other_model_swaps(tiny_image_models, catalog):
+    """Qwen-Image and Qwen-Image-Edit ship the same text encoder and VAE: loaded with one `shared`
+    dict they are the same modules. Under a budget for one model (its own transformer beside the
+    shared parts) a swap moves only the transformers; the shared parts never leave, and outputs
+    after the swaps equal the first ones bit for bit (host_copies=True: the CUDA path's bookkeeping)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    shared: dict = {}
+
+    def opts(path):
+        return LoadOptions(model_path=path, config_path=None, device="cpu", cache_dir=None)
+
+    loaders = {"qwen": lambda: QwenImageFamily.load(opts(tiny_image_models.qwen), kind="qwen_image", shared=shared),
+               "edit": lambda: QwenImageFamily.load(opts(tiny_image_models.qwen_edit), kind="qwen_image_edit",
+                                                    shared=shared)}
+    residency = Residency(loaders, "cpu", host_reserve_bytes=0, host_copies=True)
+    qwen, edit = residency.loaded("qwen"), residency.loaded("edit")
+    assert qwen.pipe.text_encoder is edit.pipe.text_encoder and qwen.pipe.vae is edit.pipe.vae
+    assert qwen.pipe.transformer is not edit.pipe.transformer
+    own = {k: weight_bytes([f.pipe.transformer]) for k, f in (("qwen", qwen), ("edit", edit))}
+    common = weight_bytes([qwen.pipe.text_encoder, qwen.pipe.vae])
+    residency.budget = common + max(own.values()) + min(own.values()) // 2   # one transformer at a time
+    families = ResidentFamilies(residency)
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    picture = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    edit_job = parse_job({"jobId": "job-edit", "userId": "u", "jobType": "qwen_image_edit_2511", "prompt": "bluer",
+                          "seed": 3, "numImages": 1, "referenceImages": [picture]}, catalog)
+    q_job = job(catalog, "qwen_image_2512")
+
+    def address(module):
+        return next(module.parameters()).data_ptr()
+
+    text_encoder_at = address(qwen.pipe.text_encoder)
+    q_first, _ = run(families, "qwen", q_job)
+    e_first, report = run(families, "edit", edit_job)
+    assert report["evicted"] == ["qwen"] and residency.entries["qwen"].where == "host"
+    assert residency._needed("qwen") == own["qwen"]            # only its transformer would come back
+    assert id(qwen.pipe.transformer) in residency.hosts and id(qwen.pipe.text_encoder) not in residency.hosts
+    assert address(qwen.pipe.text_encoder) == text_encoder_at  # the shared parts did not move
+    q_again, report = run(families, "qwen", q_job)
+    assert report["evicted"] == ["edit"] and address(qwen.pipe.text_encoder) == text_encoder_at
+    e_again, _ = run(families, "edit", edit_job)
+    assert np.array_equal(q_again, q_first) and np.array_equal(e_again, e_first)
+
+
+def test_start_up_plan_counts_a_shared_text_encoder_once(tiny_image_models):
+    from workers.image_worker import disk_bytes
+
+    def weights(folder):
+        return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+    qwen, edit = tiny_image_models.qwen, tiny_image_models.qwen_edit
+    counted: set = set()
+    together = disk_bytes(qwen, counted) + disk_bytes(edit, counted)
+    shared = weights(edit / "text_encoder") + weights(edit / "vae")
+    assert shared > 0 and together == disk_bytes(qwen) + disk_bytes(edit) - shared

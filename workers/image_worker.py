@@ -1,6 +1,7 @@
 """Image worker process on sdxl_queue: SDXL (single-file LUSTIFY checkpoint or a diffusers folder),
 Qwen-Image 2512, Qwen-Image-Edit 2511 and Z-Image-Turbo (diffusers folders).
 
+Identical text encoders and VAEs (Qwen-Image's and Qwen-Image-Edit's) are loaded once and shared.
 The models share the GPU through workers/pipelines/residency.py: within IMAGE_VRAM_BUDGET_GIB the
 most recently used stay on the GPU, the others wait in pinned CPU memory (or on disk). At start the
 models that fit the budget together are loaded, in catalog order; the others load on their first
@@ -36,18 +37,20 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
 
     device = pick_device(settings.device)
     loaders, errors = {}, {}
+    shared: dict = {}   # one text encoder / VAE for the models that ship the same files (Qwen-Image and -Edit)
     for key in model_keys:
         family = catalog.models[key].family
         if family not in ("sdxl", "qwen_image", "qwen_image_edit", "z_image"):
             errors[key] = f"the image worker has no {family!r} pipeline"
             continue
-        loaders[key] = functools.partial(_load_one, catalog, settings, key, device)
+        loaders[key] = functools.partial(_load_one, catalog, settings, key, device, shared)
     budget = settings.image_vram_budget_gib
     if budget is None and device == "cuda":
         budget = torch.cuda.get_device_properties(0).total_memory * DEFAULT_BUDGET_FRACTION / GIB
     residency = Residency(loaders, device, int(budget * GIB) if budget else None)
     families = ResidentFamilies(residency)
     planned = 0   # bytes on disk of the models loaded so far: what fits is loaded now, the rest on demand
+    counted: set = set()   # shared components (text encoders, VAEs) already in `planned`
     for key in [k for k in catalog.models if k in loaders]:   # catalog order: the first models are the main ones
         path = settings.model_path(catalog.models[key])
         if not path.exists():
@@ -55,8 +58,8 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
                 loaders[key]()   # fails at once, with the family's own message naming the path and the variable
             except ModelUnavailable as exc:
                 errors[key] = str(exc)
-        elif budget is None or planned + disk_bytes(path) <= budget * GIB:
-            planned += disk_bytes(path)
+        elif budget is None or planned + disk_bytes(path, set(counted)) <= budget * GIB:
+            planned += disk_bytes(path, counted)
             try:
                 residency.make_resident(key)
             except ModelUnavailable as exc:
@@ -69,13 +72,28 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
     return families, errors
 
 
-def disk_bytes(path) -> int:
-    """Weights on disk under `path` (a file or a folder): about what they take in memory at bf16."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]
-    return sum(p.stat().st_size for p in files)
+def disk_bytes(path, counted: set | None = None) -> int:
+    """Weights on disk under `path` (a file or a folder): about what they take in memory at bf16. A
+    text encoder or VAE folder whose content is in `counted` is shared (not counted again); the
+    ones counted here are added to it."""
+    from workers.pipelines.common import folder_fingerprint
+    from workers.pipelines.dit import SHARED_PARTS
+
+    def weights(root):
+        return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in (".safetensors", ".bin"))
+
+    if path.is_file():
+        return path.stat().st_size
+    total = weights(path)
+    for name in SHARED_PARTS if counted is not None else ():
+        if (path / name).is_dir():
+            key = (name, folder_fingerprint(path / name))
+            total -= weights(path / name) if key in counted else 0
+            counted.add(key)
+    return total
 
 
-def _load_one(catalog: Catalog, settings: Settings, key: str, device: str):
+def _load_one(catalog: Catalog, settings: Settings, key: str, device: str, shared: dict):
     from workers.media import ImageLimits
     from workers.pipelines.base import LoadOptions, ModelUnavailable
 
@@ -96,10 +114,10 @@ def _load_one(catalog: Catalog, settings: Settings, key: str, device: str):
         if model.family == "z_image":
             from workers.pipelines.z_image import ZImageFamily
 
-            return ZImageFamily.load(options, limits=limits, loras=library)
+            return ZImageFamily.load(options, limits=limits, loras=library, shared=shared)
         from workers.pipelines.qwen_image import QwenImageFamily
 
-        return QwenImageFamily.load(options, limits=limits, loras=library, kind=model.family,
+        return QwenImageFamily.load(options, limits=limits, loras=library, kind=model.family, shared=shared,
                                     max_references=catalog.limits.max_reference_images)
     except ModelUnavailable as exc:
         hint = f"; set {model.env} (absolute, or relative to MODELS_DIR)" if model.env else ""

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import importlib
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -29,3 +32,36 @@ def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Same files (names, sizes, first and last 64 KiB): the same component. Cheap even for 16 GB."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(65536))
+            if size > 65536:
+                handle.seek(max(65536, size - 65536))
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def shared_components(folder: Path, index: dict, names: tuple[str, ...], dtype: torch.dtype, shared: dict,
+                      fp32: tuple[str, ...] = ()) -> dict:
+    """The pipeline components `names` of a diffusers folder, each loaded once per distinct content:
+    checkpoints that ship identical text encoders or VAEs (Wan 2.1's, Qwen-Image's and
+    Qwen-Image-Edit's) get the same module object, so its weights are in memory once."""
+    parts = {}
+    for name in names:
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if not library or not class_name or not (folder / name).is_dir():
+            continue
+        key = (name, class_name, folder_fingerprint(folder / name), str(dtype))
+        if key not in shared:
+            component = getattr(importlib.import_module(library), class_name)
+            kwargs = {} if name in ("tokenizer", "processor") else {"dtype": torch.float32 if name in fp32 else dtype}
+            shared[key] = component.from_pretrained(folder / name, local_files_only=True, **kwargs)
+        parts[name] = shared[key]
+    return parts

@@ -39,13 +39,13 @@ class QwenImageFamily(DiTFamily):
         return ("QwenImageEditPlusPipeline",) if kind == "qwen_image_edit" else ("QwenImagePipeline",)
 
     @classmethod
-    def _from_folder(cls, folder: Path, class_name: str, dtype: torch.dtype):
+    def _from_folder(cls, folder: Path, class_name: str, dtype: torch.dtype, parts: dict):
         if class_name == "QwenImageEditPlusPipeline":
             # The checkpoint's processor/ folder, read without the video processor (see qwen_processor.py).
             processor = QwenImageTextProcessor.from_folder(folder / "processor")
             return QwenImageEditPlusPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                             processor=processor)
-        return QwenImagePipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+                                                             processor=processor, **parts)
+        return QwenImagePipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **parts)
 
     @classmethod
     def _variants(cls, pipe) -> dict:

@@ -38,7 +38,7 @@ class _Entry:
     where: str = "unloaded"           # "device", "host" or "unloaded"
     nbytes: int = 0
     load_ms: float | None = None      # a load from disk not yet reported to a job (cold)
-    host: HostCopy | None = None      # its weights in pinned CPU memory, kept from the first eviction on
+    modules: list = field(default_factory=list)   # its components; a shared text encoder is in several entries
 
 
 def family_modules(family) -> list[torch.nn.Module]:
@@ -77,6 +77,9 @@ class Residency:
         self.entries: OrderedDict[str, _Entry] = OrderedDict((key, _Entry()) for key in loaders)  # LRU first
         self.states = {} if states is None else states
         self.evictions: list[str] = []     # keys, in the order they left the GPU (tests, logs)
+        # id(module) → (module, its pinned copy), kept from the module's first eviction on; per module,
+        # so a component two models share (workers/pipelines/common.py) has one copy.
+        self.hosts: dict[int, tuple[torch.nn.Module, HostCopy]] = {}
         self._lock = threading.Lock()      # the heartbeat thread reads `states` while jobs move models
         self._publish()
 
@@ -87,7 +90,8 @@ class Residency:
         if entry.family is None:
             started = time.perf_counter()
             family = self.loaders[key]()   # ModelUnavailable propagates: the job fails with the reason
-            entry.family, entry.nbytes = family, weight_bytes(family_modules(family))
+            entry.family, entry.modules = family, family_modules(family)
+            entry.nbytes = weight_bytes(entry.modules)
             entry.where = self._where(family)
             entry.load_ms = (time.perf_counter() - started) * 1000
             log.info("model %s loaded (%.1f GiB) in %.0f ms", key, entry.nbytes / GIB, entry.load_ms)
@@ -105,8 +109,9 @@ class Residency:
         if entry.where != "device":
             try:
                 self._move(key, entry, to_device=True)
-            except torch.cuda.OutOfMemoryError:
-                self._move(key, entry, to_device=False)   # not half on the GPU: the next job tries again
+            except torch.cuda.OutOfMemoryError:   # not half on the GPU: the next job tries again
+                held = self._device_modules(key)      # (what a resident model shares stays)
+                self._move(key, entry, to_device=False, modules=[m for m in entry.modules if id(m) not in held])
                 self._publish()
                 raise
             entry.where = "device"
@@ -121,8 +126,11 @@ class Residency:
         """A model that cannot load (missing checkpoint): its jobs fail with the reason instead."""
         self.loaders.pop(key, None)
         entry = self.entries.pop(key, None)
-        if entry is not None and entry.host is not None:
-            entry.host.release()
+        if entry is not None:
+            others = {id(m) for e in self.entries.values() for m in e.modules}
+            for module in entry.modules:
+                if id(module) not in others and id(module) in self.hosts:
+                    self.hosts.pop(id(module))[1].release()
         self.states.pop(key, None)
 
     def publish_to(self, states: dict[str, str]) -> None:
@@ -141,66 +149,86 @@ class Residency:
     def _make_room(self, key: str) -> list[str]:
         if self.budget is None:
             return []
-        evicted, needed = [], self.entries[key].nbytes
+        evicted, keep = [], {id(m) for m in self.entries[key].modules}
         for other in list(self.entries):   # least recently used first
-            used = sum(e.nbytes for k, e in self.entries.items() if e.where == "device" and k != key)
+            used, needed = self._used(key), self._needed(key)
             if used + needed <= self.budget:
                 break
             entry = self.entries[other]
             if other == key or entry.where != "device" or pinned(entry.family):
                 continue
-            self._evict(other, entry)
+            self._evict(other, entry, keep)
             evicted.append(other)
-        used = sum(e.nbytes for k, e in self.entries.items() if e.where == "device" and k != key)
+        used, needed = self._used(key), self._needed(key)
         if used + needed > self.budget:
             log.warning("model %s (%.1f GiB) does not fit the %.1f GiB budget beside what cannot move (%.1f GiB)",
                         key, needed / GIB, self.budget / GIB, used / GIB)
         return evicted
 
-    def _evict(self, key: str, entry: _Entry) -> None:
-        # A kept host copy already holds the weights: no new RAM. Otherwise all of them need room.
-        if entry.host is None and psutil.virtual_memory().available - entry.nbytes < self.host_reserve:
-            entry.family, entry.where = None, "unloaded"    # RAM is short: read from disk next time
+    def _device_modules(self, exclude: str) -> dict[int, torch.nn.Module]:
+        """Components of the models on the device, `exclude` left out (each shared one once)."""
+        return {id(m): m for k, e in self.entries.items() if e.where == "device" and k != exclude for m in e.modules}
+
+    def _used(self, key: str) -> int:
+        return weight_bytes(list(self._device_modules(key).values()))
+
+    def _needed(self, key: str) -> int:
+        """What `key` adds on the device: its components no other resident model holds there."""
+        held = self._device_modules(key)
+        return weight_bytes([m for m in self.entries[key].modules if id(m) not in held])
+
+    def _evict(self, key: str, entry: _Entry, keep: set[int] = frozenset()) -> None:
+        """Move `key`'s components off the device, except those a resident model (or `keep`) uses."""
+        held = self._device_modules(key)
+        moving = [m for m in entry.modules if id(m) not in held and id(m) not in keep]
+        shared = {id(m) for k, e in self.entries.items() if k != key and e.family is not None for m in e.modules}
+        new_ram = weight_bytes([m for m in moving if id(m) not in self.hosts])
+        if new_ram and psutil.virtual_memory().available - new_ram < self.host_reserve:
+            # RAM is short: read from disk next time; what another model shares still moves out.
+            self._move(key, entry, to_device=False, modules=[m for m in moving if id(m) in shared])
+            entry.family, entry.modules, entry.where = None, [], "unloaded"
             log.info("model %s dropped (RAM short: %.1f GiB would leave less than %.1f GiB)",
-                     key, entry.nbytes / GIB, self.host_reserve / GIB)
+                     key, new_ram / GIB, self.host_reserve / GIB)
         else:
-            self._move(key, entry, to_device=False)
+            self._move(key, entry, to_device=False, modules=moving)
             entry.where = "host"
         self.evictions.append(key)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _move(self, key: str, entry: _Entry, to_device: bool) -> None:
+    def _move(self, key: str, entry: _Entry, to_device: bool, modules: list | None = None) -> None:
         started = time.perf_counter()
-        modules = family_modules(entry.family)
+        modules = entry.modules if modules is None else modules
         device = self.device if to_device else torch.device("cpu")
-        if self.host_copies and (entry.host is not None or HostCopy.supports(modules)):
-            if to_device:   # without a host copy yet: the first move, all or nothing (an OOM changes nothing)
-                copied = (entry.host or HostCopy(self.device)).restore(modules)
-            elif entry.host is None and not any(on_device(t, self.device) for m in modules for t in m.parameters()):
-                return      # that first move failed: all still on the CPU, no host copy needed yet
-            else:
-                entry.host = entry.host or HostCopy(self.device)
-                copied = entry.host.store(modules)
-        else:   # a CPU-only worker (no-op), or weights a flat buffer cannot hold
-            for module in modules:
+        copied = 0
+        for module in modules:
+            if self.host_copies and (id(module) in self.hosts or HostCopy.supports([module])):
+                if to_device:   # without a host copy yet: from the CPU tensors (a first move, no copy kept)
+                    copied += self.hosts.get(id(module), (None, HostCopy(self.device)))[1].restore([module])
+                elif id(module) not in self.hosts and not any(on_device(t, self.device) for t in module.parameters()):
+                    continue    # never left the CPU (a first move that failed): nothing to keep
+                else:
+                    copied += self.hosts.setdefault(id(module), (module, HostCopy(self.device)))[1].store([module])
+            else:   # a CPU-only worker (no-op), or weights a flat buffer cannot hold
                 module.to(device, non_blocking=device.type == "cuda")
                 if not to_device and self.device.type == "cuda":
                     for tensor in list(module.parameters()) + list(module.buffers()):
                         tensor.data = tensor.data.pin_memory()   # page-locked: the way back is a fast DMA copy
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            copied = entry.nbytes if self.device.type == "cuda" else 0
+                copied += weight_bytes([module]) if self.device.type == "cuda" else 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         where = str(device) if to_device else "pinned CPU memory" if self.device.type == "cuda" else "CPU memory"
-        current = ": host copy current" if not to_device and entry.host is not None and copied == 0 else ""
+        total = weight_bytes(modules)
+        current = ": host copy current" if not to_device and modules and copied == 0 else ""
         log.info("model %s moved to %s in %.0f ms (%.2f of %.1f GiB copied%s)", key, where,
-                 (time.perf_counter() - started) * 1000, copied / GIB, entry.nbytes / GIB, current)
+                 (time.perf_counter() - started) * 1000, copied / GIB, total / GIB, current)
 
     def _where(self, family) -> str:
         """Right after a load. On a CPU-only worker weights count as on the device once a job made
         them resident, so the bookkeeping (budget, order, reports) is the same as on a GPU."""
-        first = next((p for m in family_modules(family) for p in m.parameters()), None)
-        return "device" if self.device.type == "cuda" and first is not None and first.is_cuda else "host"
+        params = [p for m in family_modules(family) for p in m.parameters()]
+        # all of it: a component shared with a resident model is on the device before the rest
+        return "device" if self.device.type == "cuda" and params and all(p.is_cuda for p in params) else "host"
 
     def _publish(self) -> None:
         with self._lock:

@@ -16,8 +16,6 @@ module touches no GPU.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from workers.media import ImageLimits, VideoClip, load_labelled_image
 from workers.pipelines import wan_accel
 from workers.pipelines.wan_accel import WanAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
-from workers.pipelines.common import check_batch, free_device_memory
+from workers.pipelines.common import check_batch, free_device_memory, shared_components
 from workers.pipelines.wan_memory import (MemoryPlan, cap_process_memory, decode_bytes, denoise_bytes,
                                           latent_tokens, module_bytes, out_of_memory_reason, plan_memory)
 
@@ -58,20 +56,6 @@ KINDS = {
     "wan_i2v": Kind(WanImageToVideoPipeline, ("img2video",), ("WanImageToVideoPipeline",), "image-to-video"),
     "wan_vace": Kind(WanVACEPipeline, ("ref2video",), ("WanVACEPipeline",), "VACE reference-to-video"),
 }
-
-
-def _fingerprint(folder: Path) -> str:
-    """Same files (names, sizes, first and last 64 KiB): the same component. Cheap even for 11 GB."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
-        with open(path, "rb") as handle:
-            digest.update(handle.read(65536))
-            if size > 65536:
-                handle.seek(max(65536, size - 65536))
-                digest.update(handle.read())
-    return digest.hexdigest()
 
 
 class WanFamily:
@@ -112,7 +96,7 @@ class WanFamily:
         if device.type == "cuda" and opts.vram_budget_bytes:
             cap_process_memory(device, opts.vram_budget_bytes)
         try:
-            parts = cls._shared_parts(folder, index, dtype, {} if shared is None else shared)
+            parts = shared_components(folder, index, SHARED_PARTS, dtype, {} if shared is None else shared, FP32_PARTS)
             pipe = spec.pipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **parts)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             raise ModelUnavailable(f"could not load the Wan {spec.what} checkpoint at {folder}: "
@@ -126,22 +110,6 @@ class WanFamily:
             family.accel_report = wan_accel.accelerate(pipe, accel)
         log.info("Wan %s loaded from %s (%s, text encoder on %s)", spec.what, folder, dtype, family._text_encoder_device())
         return family
-
-    @staticmethod
-    def _shared_parts(folder: Path, index: dict, dtype: torch.dtype, shared: dict) -> dict:
-        """Text encoder, tokenizer, VAE and image encoder, loaded once per distinct folder content."""
-        parts = {}
-        for name in SHARED_PARTS:
-            library, class_name = (index.get(name) or [None, None])[:2]
-            if not library or not class_name:
-                continue
-            key = (name, _fingerprint(folder / name))
-            if key not in shared:
-                component = getattr(importlib.import_module(library), class_name)
-                kwargs = {} if name == "tokenizer" else {"dtype": torch.float32 if name in FP32_PARTS else dtype}
-                shared[key] = component.from_pretrained(folder / name, local_files_only=True, **kwargs)
-            parts[name] = shared[key]
-        return parts
 
     def _place(self) -> None:
         for name in ("transformer", "transformer_2", "vae", "image_encoder"):

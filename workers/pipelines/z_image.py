@@ -25,8 +25,8 @@ class ZImageFamily(DiTFamily):
     pipeline_classes = ("ZImagePipeline",)
 
     @classmethod
-    def _from_folder(cls, folder: Path, class_name: str, dtype: torch.dtype):
-        return ZImagePipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    def _from_folder(cls, folder: Path, class_name: str, dtype: torch.dtype, parts: dict):
+        return ZImagePipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **parts)
 
     @classmethod
     def _variants(cls, pipe) -> dict:
