@@ -214,6 +214,11 @@ def _env_float(env: Mapping[str, str], key: str, default: float) -> float:
         raise ConfigError(f"{key}={value!r} is not a number") from exc
 
 
+def _switch(env: Mapping[str, str], key: str) -> bool:
+    """An on-by-default switch: 0, false, no or off turn it off."""
+    return env.get(key, "1").lower() not in ("0", "false", "no", "off")
+
+
 def _positive_or_none(env: Mapping[str, str], key: str) -> float | None:
     value = _env_float(env, key, 0.0)
     if value < 0:
@@ -304,10 +309,10 @@ class Settings:
             allow_unpinned_stack=env.get("ALLOW_UNPINNED_STACK", "") in ("1", "true", "yes"),
             job_types_file=Path(env.get("JOB_TYPES_FILE") or DEFAULT_JOB_TYPES_FILE),
             model_overrides=overrides,
-            optimize=env.get("OPTIMIZE", "1").lower() not in ("0", "false", "no", "off"),
-            fallback_routing=env.get("FALLBACK_ROUTING", "1").lower() not in ("0", "false", "no", "off"),
-            overlap_finish=env.get("OVERLAP_FINISH", "1").lower() not in ("0", "false", "no", "off"),
-            preload_workers=env.get("PRELOAD_WORKERS", "1").lower() not in ("0", "false", "no", "off"),
+            optimize=_switch(env, "OPTIMIZE"),
+            fallback_routing=_switch(env, "FALLBACK_ROUTING"),
+            overlap_finish=_switch(env, "OVERLAP_FINISH"),
+            preload_workers=_switch(env, "PRELOAD_WORKERS"),
             video_vram_budget_gib=_positive_or_none(env, "VIDEO_VRAM_BUDGET_GIB"),
             health_host=env.get("HEALTH_HOST") or "127.0.0.1",
             health_port=int(_env_float(env, "HEALTH_PORT", 9464)),

@@ -53,13 +53,16 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
     counted: set = set()   # shared components (text encoders, VAEs) already in `planned`
     for key in [k for k in catalog.models if k in loaders]:   # catalog order: the first models are the main ones
         path = settings.model_path(catalog.models[key])
+        seen = set(counted)
+        size = disk_bytes(path, seen) if path.exists() else 0   # one pass over the files (and fingerprints)
         if not path.exists():
             try:
                 loaders[key]()   # fails at once, with the family's own message naming the path and the variable
             except ModelUnavailable as exc:
                 errors[key] = str(exc)
-        elif budget is None or planned + disk_bytes(path, set(counted)) <= budget * GIB:
-            planned += disk_bytes(path, counted)
+        elif budget is None or planned + size <= budget * GIB:
+            planned += size
+            counted |= seen
             try:
                 residency.make_resident(key)
             except ModelUnavailable as exc:

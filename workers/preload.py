@@ -58,9 +58,6 @@ class ForkedWorker:
         if self.process.exitcode is None:
             os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        self.process.terminate()
-
     def kill(self) -> None:
         if self.process.exitcode is None:
             self.process.kill()

@@ -62,14 +62,14 @@ class DiTFamily(abc.ABC):
         index = folder / "model_index.json"
         if not index.is_file():
             raise ModelUnavailable(f"no {cls.what} checkpoint at {folder} (a diffusers folder with model_index.json)")
-        class_name, accepted = _class_name(index), cls.classes_for(kind or cls.name)
+        index_data = _read_index(index)
+        class_name, accepted = index_data.get("_class_name"), cls.classes_for(kind or cls.name)
         if class_name not in accepted:
             raise ModelUnavailable(f"{folder} holds a {class_name} checkpoint; a {cls.what} one "
                                    f"({' or '.join(accepted)}) is needed")
         device = torch.device(opts.device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
-            index_data = json.loads(index.read_text(encoding="utf-8"))
             parts = shared_components(folder, index_data, SHARED_PARTS, dtype, {} if shared is None else shared)
             pipe = cls._from_folder(folder, class_name, dtype, parts)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
@@ -184,10 +184,10 @@ class DiTFamily(abc.ABC):
         free_device_memory(self.device)
 
 
-def _class_name(index: Path) -> str | None:
-    import json
-
+def _read_index(index: Path) -> dict:
+    """model_index.json, or {} when unreadable (the class check then names the folder)."""
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -110,13 +110,11 @@ class HostCopy:
             copied, moves = 0, []
             for t, sites in holders.values():
                 slot = self._slot(t)
-                if slot is not None and not _same_layout(slot.host, t):
-                    slot = None              # reshaped or retyped since: a new host tensor
-                if slot is None:
-                    slot = _Slot(host=self._own_host(t), ref=weakref.ref(t))
-                elif self._is_host(t, slot) or self._unchanged(t, slot):
+                if self._current(t, slot):
                     moves.append((t, sites, slot))
                     continue
+                if slot is None or not _same_layout(slot.host, t):   # new, or reshaped/retyped since
+                    slot = _Slot(host=self._own_host(t), ref=weakref.ref(t))
                 slot.host.copy_(t.detach(), non_blocking=self.pinned)
                 copied += _nbytes(t)
                 moves.append((t, sites, slot))
@@ -163,12 +161,7 @@ class HostCopy:
 
     def needs_copy(self, modules) -> int:
         """Bytes the next `store` would copy (for tests and logs)."""
-        total = 0
-        for t, _ in _holders(modules).values():
-            slot = self._slot(t)
-            fresh = slot is not None and _same_layout(slot.host, t) and (self._is_host(t, slot) or self._unchanged(t, slot))
-            total += 0 if fresh else _nbytes(t)
-        return total
+        return sum(_nbytes(t) for t, _ in _holders(modules).values() if not self._current(t, self._slot(t)))
 
     def invalidate(self) -> None:
         """Forget what is current: the next `store` copies every tensor (after edits through `.data`)."""
@@ -187,6 +180,11 @@ class HostCopy:
     def _slot(self, t: torch.Tensor) -> _Slot | None:
         slot = self._slots.get(id(t))
         return slot if slot is not None and slot.ref() is t else None
+
+    def _current(self, t: torch.Tensor, slot: _Slot | None) -> bool:
+        """The host copy holds `t`'s values: `t` is that copy, or what `restore` left, untouched."""
+        return (slot is not None and _same_layout(slot.host, t)
+                and (self._is_host(t, slot) or self._unchanged(t, slot)))
 
     @staticmethod
     def _is_host(t: torch.Tensor, slot: _Slot) -> bool:

@@ -127,10 +127,7 @@ class Residency:
         self.loaders.pop(key, None)
         entry = self.entries.pop(key, None)
         if entry is not None:
-            others = {id(m) for e in self.entries.values() for m in e.modules}
-            for module in entry.modules:
-                if id(module) not in others and id(module) in self.hosts:
-                    self.hosts.pop(id(module))[1].release()
+            self._release_hosts(key, entry)
         self.states.pop(key, None)
 
     def publish_to(self, states: dict[str, str]) -> None:
@@ -186,6 +183,7 @@ class Residency:
         if new_ram and psutil.virtual_memory().available - new_ram < self.host_reserve:
             # RAM is short: read from disk next time; what another model shares still moves out.
             self._move(key, entry, to_device=False, modules=[m for m in moving if id(m) in shared])
+            self._release_hosts(key, entry)   # a reload brings new modules: their old copies would leak
             entry.family, entry.modules, entry.where = None, [], "unloaded"
             log.info("model %s dropped (RAM short: %.1f GiB would leave less than %.1f GiB)",
                      key, new_ram / GIB, self.host_reserve / GIB)
@@ -202,13 +200,15 @@ class Residency:
         device = self.device if to_device else torch.device("cpu")
         copied = 0
         for module in modules:
-            if self.host_copies and (id(module) in self.hosts or HostCopy.supports([module])):
+            kept = self.hosts.get(id(module), (None, None))[1]
+            if self.host_copies and (kept is not None or HostCopy.supports([module])):
                 if to_device:   # without a host copy yet: from the CPU tensors (a first move, no copy kept)
-                    copied += self.hosts.get(id(module), (None, HostCopy(self.device)))[1].restore([module])
-                elif id(module) not in self.hosts and not any(on_device(t, self.device) for t in module.parameters()):
+                    copied += (kept or HostCopy(self.device)).restore([module])
+                elif kept is None and not any(on_device(t, self.device) for t in module.parameters()):
                     continue    # never left the CPU (a first move that failed): nothing to keep
                 else:
-                    copied += self.hosts.setdefault(id(module), (module, HostCopy(self.device)))[1].store([module])
+                    kept = kept or self.hosts.setdefault(id(module), (module, HostCopy(self.device)))[1]
+                    copied += kept.store([module])
             else:   # a CPU-only worker (no-op), or weights a flat buffer cannot hold
                 module.to(device, non_blocking=device.type == "cuda")
                 if not to_device and self.device.type == "cuda":
@@ -222,6 +222,13 @@ class Residency:
         current = ": host copy current" if not to_device and modules and copied == 0 else ""
         log.info("model %s moved to %s in %.0f ms (%.2f of %.1f GiB copied%s)", key, where,
                  (time.perf_counter() - started) * 1000, copied / GIB, total / GIB, current)
+
+    def _release_hosts(self, key: str, entry: _Entry) -> None:
+        """Give back the host copies of `key`'s components that no other model holds."""
+        others = {id(m) for k, e in self.entries.items() if k != key for m in e.modules}
+        for module in entry.modules:
+            if id(module) not in others and id(module) in self.hosts:
+                self.hosts.pop(id(module))[1].release()
 
     def _where(self, family) -> str:
         """Right after a load. On a CPU-only worker weights count as on the device once a job made
