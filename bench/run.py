@@ -11,7 +11,8 @@ sdxl_image_fast), project (the production path: job_types.yaml's optimize block)
 WanPipeline, the project's WanFamily eager and with its default regional compile), cold (a fresh
 process: ready / first job with the warm compile cache), alt (the other compile mode, batch 1 only),
 coldalt (a fresh process in that mode, warm cache), resident (each worker in a fresh process), preloaded
-(each worker forked from the preloaded server, as the daemon restarts it), together
+(each worker forked from the preloaded server, as the daemon restarts it), saturated (the image
+worker process fed a queue of jobs through redis-server: seconds per job and the card's busy share), together
 (both workers starting at once on the card: their peak memory together), images
 (Qwen-Image 2512 quality and Lightning fast, Qwen-Image-Edit 2511 edit and inpaint, Z-Image-Turbo, and
 swap times between them under a VRAM budget), queue (CPU part). Prints a table last and writes the JSON file.
@@ -37,10 +38,11 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from bench.common import Report  # noqa: E402
+from bench.saturated import run_saturated  # noqa: E402
 
 ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 400, "cold": 90,
-             "alt": 150, "coldalt": 90, "resident": 120, "preloaded": 100, "together": 150, "images": 300, "queue": 10}
-GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "preloaded", "images", "together")
+             "alt": 150, "coldalt": 90, "resident": 120, "preloaded": 100, "saturated": 150, "together": 150, "images": 300, "queue": 10}
+GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "preloaded", "saturated", "images", "together")
 
 
 def versions() -> dict:
@@ -313,6 +315,7 @@ def main(argv=None) -> int:
                          ("coldalt", lambda st: run_cold(report, st, other)),
                          ("resident", lambda st: run_resident(report, st)),
                          ("preloaded", lambda st: run_preloaded(report, st)),
+                         ("saturated", lambda st: run_saturated(report, st)),
                          ("images", images), ("together", lambda st: run_together(report, st))):
             section(report, parts, name, fn, state)
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_parts_run_on_tiny_models(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--json", str(out), "--runs", "1",
-                           "--work-dir", str(tmp_path / "work"), "--parts", "build,plain,project,wan,preloaded,together,images"],
+                           "--work-dir", str(tmp_path / "work"), "--parts", "build,plain,project,wan,preloaded,saturated,together,images"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -41,3 +41,7 @@ def test_bench_parts_run_on_tiny_models(tmp_path):
         assert row(f"{family} time to ready (preloaded fork)", "forked")["preimported"] is True
     together = row("both workers on one card", "concurrent")
     assert together["sdxl_ready_s"] > 0 and together["wan_ready_s"] > 0
+    # Saturated queue: the real image worker process ran every queued job through redis-server.
+    for images, count in ((1, 12), (6, 4)):
+        saturated = row(f"saturated: sdxl_image_fast x{images}", f"{count} jobs")
+        assert len(saturated["job_seconds"]) == count and saturated["window_s"] > 0
