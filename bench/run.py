@@ -144,21 +144,27 @@ def run_preloaded(report: Report, state: dict) -> None:
     module = "bench.cold_start"
     spawner = PreloadedSpawner(forkable=lambda argv: module if argv[1:3] == ["-m", module] else None)
     report.meta["preload_server_imports_s"] = round(spawner.warm(), 2)   # once, as at the daemon's start
-    for family, model in (("sdxl", state["folder"]), ("wan", wan_folder(state))):
+    # SDXL twice: as job_types.yaml configures it, then compile=none (CUDA graphs of the eager UNet):
+    # what a restart costs without any torch.compile.
+    runs = [("sdxl", state["folder"], []), ("sdxl", state["folder"], ["--compile", "none"]), ("wan", None, [])]
+    for family, model, extra in runs:
         if family not in state["resident"]:
             continue
         out = state["work"] / f"preloaded-{family}.json"
         out.unlink(missing_ok=True)
-        cmd = child_command(state, family, model) + ["--out", str(out)]
+        cmd = child_command(state, family, model or wan_folder(state)) + extra + ["--out", str(out)]
         cmd[cmd.index("--t0") + 1] = repr(time.time())
         code = spawner(cmd, dict(os.environ)).wait(timeout=max(60, report.left() - 20))
         if code != 0 or not out.exists():
             raise RuntimeError(f"preloaded {family} child failed (exit {code})")
         r = json.loads(out.read_text())
-        report.meta.setdefault("preloaded", {})[family] = r
-        report.row(f"{family} time to ready (preloaded fork)", "forked from the preloaded server, cache as left",
+        name = family + (" compile=none" if extra else "")
+        report.meta.setdefault("preloaded", {})[name] = r
+        report.row(f"{family} time to ready (preloaded fork)",
+                   "forked from the preloaded server" + (", compile=none + CUDA graphs" if extra else ", cache as left"),
                    [r["ready"]], first_job_done_s=r["first_job_done"], imports_s=r["imports"],
-                   preimported=r["preimported"], peak_reserved_gib=round(r.get("peak_reserved_gib", 0.0), 2))
+                   preimported=r["preimported"], peak_reserved_gib=round(r.get("peak_reserved_gib", 0.0), 2),
+                   **{k: round(v, 2) for k, v in r.items() if k.endswith("_job_s")})
 
 
 def gpu_used_by(pids: set[int]) -> float:
