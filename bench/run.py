@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resident", default="sdxl,wan", help="families the resident part starts (fresh processes)")
     ap.add_argument("--images", default="z_image,qwen_t2i,swaps,qwen_edit",
                     help="steps of the images part, in order (swaps: between the models built before it)")
+    ap.add_argument("--alt-compile", default=None, choices=("none", "blocks", "unet"),
+                    help="SDXL compile mode of the alt/coldalt parts (default: the one job_types.yaml does not use)")
     ap.add_argument("--work-dir", default=None, help="models, storage and compile cache (default: a new temp dir)")
     args = ap.parse_args(argv)
 
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
         # The production configuration: the catalog's optimize block, as the image worker reads it.
         project_accel = SDXLFamily.acceleration_for(catalog, fast.spec.model, Settings.from_env({"DATA_DIR": str(work / "data")}))
         state["project_variant"] = f"project default: compile={project_accel.compile} + CUDA graphs"
-        other = "blocks" if project_accel.compile == "unet" else "unet"
+        other = args.alt_compile or ("blocks" if project_accel.compile == "unet" else "unet")
         state["alt_variant"] = f"project: compile={other} + CUDA graphs"
 
         def build(st):

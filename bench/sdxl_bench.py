@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import PEAK_TFLOPS, Report, peak_gib, rel_err, reset_peak, sync, timed
+from bench.gpu_gaps import gpu_gaps
 
 PROMPT = "t1 t2 t3 a lighthouse at dusk"
 JOBS = (("sdxl_image_fast", 1), ("sdxl_image_high", 1), ("sdxl_image_fast", 6))
@@ -198,7 +199,9 @@ def count_flops(pipe, job, device: str) -> dict:
     return {"text_encoders": te, "unet_cfg_step": unet, "vae_decode": vae}
 
 
-def floor_seconds(flops: dict, job) -> float:
+def floor_seconds(flops: dict | None, job) -> float | None:
+    if not flops:   # the `plain` part counts the FLOPs; without it there is no floor
+        return None
     total = job.num_images * (flops["text_encoders"] + job.steps * flops["unet_cfg_step"] + flops["vae_decode"])
     return round(total / (PEAK_TFLOPS * 1e12), 4)
 
@@ -383,6 +386,16 @@ def run_project(report: Report, folder: Path, jobs: list, device: str, storage, 
         phases = breakdown(family, fast, storage)
         report.meta.setdefault("breakdown", {})[variant] = phases
         report.say("phases of one", label(fast.job_type, 1), json.dumps(phases))
+        pipe = family.txt2img
+        try:
+            gaps = gpu_gaps(lambda: (family.check(fast), family.generate(fast, lambda *_: None)),  # PNGs overlap
+                            phases={"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
+                                    "unet": pipe.unet, "vae": pipe.vae.decoder})
+        except Exception as exc:  # noqa: BLE001 — a diagnostic must not lose the part's rows
+            gaps = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        if gaps is not None:
+            report.meta.setdefault("gaps", {})[variant] = gaps
+            report.say("GPU gaps in one", label(fast.job_type, 1), "(check + generate)", json.dumps(gaps))
     del family
     cleanup()
     return report.meta["project_load"][variant]
