@@ -57,6 +57,10 @@ class OptimizeSpec(_Strict):
     channels_last: bool = True
     fuse_qkv: bool = True
     compile: Literal["none", "blocks", "unet"] = "blocks"
+    # load: compile and every warm-up before the worker reports ready. idle: ready after the first
+    # warm-up without compile (SDXL: the eager UNet's CUDA graph; Wan: eager), the rest the first time
+    # the queue is empty (or after the runner's ACCELERATE_AFTER_JOBS jobs): restarts serve sooner.
+    compile_at: Literal["load", "idle"] = "idle"
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True
     # batch sizes warmed up (compiled, captured) at load, at each warm-up size; None: 1 and each job

@@ -35,6 +35,7 @@ log = logging.getLogger("workers.runner")
 PROGRESS_INTERVAL = 0.25  # seconds between progress writes; the last step is always written
 OOM_RESTART_AFTER = 3     # consecutive out-of-memory failures after which the worker exits to be restarted
 EX_TEMPFAIL = 75          # the worker's exit code then (sysexits.h): a fresh process may succeed
+ACCELERATE_AFTER_JOBS = 50  # compile_at: idle — a worker that never sees an empty queue compiles after these
 
 
 class JobTimedOut(Exception):
@@ -112,6 +113,7 @@ class Runner:
         self.oom_streak = 0
         self.exit_code = 0                # what the worker process exits with once serve() returns
         self.finisher = Finisher() if settings.overlap_finish else None
+        self.jobs_handled = 0
 
     # --- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -122,6 +124,9 @@ class Runner:
                 claim = self.queue.claim(self.settings.claim_timeout, prefer=self._preferred_job_types())
                 if claim is not None:
                     self.handle(claim)
+                    self.jobs_handled += 1
+                if claim is None or self.jobs_handled >= ACCELERATE_AFTER_JOBS:
+                    self.accelerate_deferred()
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
@@ -129,6 +134,22 @@ class Runner:
                 backoff = min(backoff * 2, 30.0)
         if self.finisher is not None:
             self.finisher.drain()     # the last job's outputs and callback, before the claims are returned
+
+    def accelerate_deferred(self) -> None:
+        """compile_at: idle (job_types.yaml) — each family's deferred compile and warm-ups, between
+        jobs. Cheap when nothing is deferred; a failure leaves that model serving as it was."""
+        for key, family in self.families.items():
+            run = getattr(family, "accelerate_deferred", None)
+            if run is None:
+                continue
+            try:
+                report = run()
+            except Exception:   # an optional speed-up must not take the worker down
+                log.exception("deferred acceleration of %s failed; it keeps serving as it was", key)
+                continue
+            if report is not None:
+                log.info("model %s accelerated while idle: %s in %.1fs", key, report.get("applied"),
+                         report.get("seconds", 0.0))
 
     def _preferred_job_types(self) -> list[str]:
         """Job types of the models on the GPU, when the worker swaps models (pipelines/residency.py)."""

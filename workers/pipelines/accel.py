@@ -22,10 +22,10 @@ Only called on CUDA: on the CPU nothing here runs. Importing this module touches
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ COMPILE_MODES = ("none", "blocks", "unet")
 BLOCK_CLASSES = ("BasicTransformerBlock",)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Acceleration:
     channels_last: bool = True
     fuse_qkv: bool = True
@@ -48,10 +48,20 @@ class Acceleration:
     cudnn_benchmark: bool = True            # pick the fastest conv algorithm per shape (at warm-up)
     warmup: tuple[tuple[int, int, int], ...] = ()   # (images, width, height) run and captured at load
     cache_dir: Path | None = None           # persistent Inductor/Triton cache
+    compile_at: str = "load"                # "idle": see split()
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, not {self.compile!r}")
+
+    def split(self) -> tuple["Acceleration", "Acceleration | None"]:
+        """(before ready, deferred). With compile_at="idle" the worker gets ready on the eager UNet's
+        CUDA graph at the first warm-up shape (seconds), and the deferred part (compile, every warm-up
+        shape) runs when the runner finds the queue empty. fuse_qkv and channels_last stay applied."""
+        if self.compile_at != "idle" or (self.compile == "none" and len(self.warmup) <= 1):
+            return self, None
+        now = dataclasses.replace(self, compile="none", warmup=self.warmup[:1])
+        return now, dataclasses.replace(self, fuse_qkv=False, channels_last=False)
 
     @classmethod
     def off(cls) -> "Acceleration":

@@ -272,6 +272,16 @@ class ResidentFamily:
         return self.residency.loaded(self.key).generate(job, on_step)
 
 
+    def accelerate_deferred(self) -> dict | None:
+        """The model's deferred compile (compile_at: idle), only while it is on the device: this never
+        loads or moves a model."""
+        entry = self.residency.entries.get(self.key)
+        if entry is None or entry.family is None or entry.where != "device":
+            return None
+        run = getattr(entry.family, "accelerate_deferred", None)
+        return run() if run is not None else None
+
+
 class ResidentFamilies(dict):
     """model key → ResidentFamily, with the Residency behind them (the worker publishes its states)."""
 

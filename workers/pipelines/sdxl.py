@@ -73,6 +73,7 @@ class SDXLFamily:
         self.source = source  # "folder", "single_file" or "converted_cache": how the weights were read
         self._prepared: tuple[str, Image.Image] | None = None  # (job_id, decoded init image) from check()
         self.graphed: acceleration.GraphedUNet | None = None
+        self.deferred: Acceleration | None = None   # compile_at: idle — run by accelerate_deferred()
         self.accel_report: dict = {"applied": "none"}
         self.job_loras = JobLoras(txt2img, "sdxl")   # per-job adapters on the shared UNet and text encoders
         self.slots = self.job_loras.slots
@@ -101,14 +102,15 @@ class SDXLFamily:
         family = cls(pipe, device, limits or ImageLimits(), source)
         family.job_loras.library = loras
         if device.type == "cuda" and accel is not None and not accel.is_off:
-            family.accelerate(accel)
+            now, family.deferred = accel.split()
+            family.accelerate(now)
         return family
 
     @staticmethod
     def acceleration_for(catalog, model_key: str, settings) -> Acceleration:
         """The model's `optimize` block (job_types.yaml) as an Acceleration. Warm-up shapes: the sizes
         (`warmup_sizes`, default every size of the model's job types) × the batch sizes (`warmup_images`,
-        default 1 and each job type's default_images)."""
+        default 1 and each job type's default_images). `compile_at` says what waits until the worker is idle."""
         spec = catalog.models[model_key].optimize
         if not settings.optimize:
             return Acceleration.off()
@@ -119,7 +121,7 @@ class SDXLFamily:
         return Acceleration(channels_last=spec.channels_last, fuse_qkv=spec.fuse_qkv, compile=spec.compile,
                             cuda_graphs=spec.cuda_graphs, cudnn_benchmark=spec.cudnn_benchmark,
                             warmup=tuple((n, w, h) for w, h in sizes for n in batches),
-                            cache_dir=settings.data_dir / "compile-cache")
+                            cache_dir=settings.data_dir / "compile-cache", compile_at=spec.compile_at)
 
     def accelerate(self, accel: Acceleration) -> dict:
         """Apply `accel` and run the warm-ups (compiles, CUDA-graph captures) now, not in a job. A
@@ -146,6 +148,19 @@ class SDXLFamily:
         report["seconds"] = round(time.perf_counter() - started, 2)
         log.info("acceleration %s ready in %.1fs (warm-ups: %s)", report["applied"], report["seconds"], report["warmup"])
         self.accel_report = report
+        return report
+
+    def accelerate_deferred(self) -> dict | None:
+        """The deferred part of the optimize block (compile, every warm-up shape), when the worker is
+        idle. The ready-time CUDA graphs are dropped first and captured again on the compiled UNet."""
+        if self.deferred is None:
+            return None
+        accel, self.deferred = self.deferred, None
+        before = self.accel_report
+        acceleration.remove(self.txt2img)
+        self.graphed = None
+        report = self.accelerate(accel)
+        report["before"] = {k: before.get(k) for k in ("applied", "seconds")}
         return report
 
     @staticmethod

@@ -72,6 +72,7 @@ class WanFamily:
         self.frame_multiple = pipe.vae_scale_factor_temporal
         self._prepared: tuple[str, list[Image.Image]] | None = None  # (job_id, references) from check()
         self.accel_report: dict = {"applied": "none"}
+        self.deferred: WanAcceleration | None = None   # compile_at: idle — run by accelerate_deferred()
 
     # ------------------------------------------------------------------ loading
 
@@ -107,9 +108,21 @@ class WanFamily:
         family._place()
         # Text-to-video only: its warm-up needs no input image (the other kinds would compile in a job).
         if device.type == "cuda" and kind == "wan" and accel is not None and not accel.is_off:
-            family.accel_report = wan_accel.accelerate(pipe, accel)
+            if accel.compile_at == "idle":   # ready now, eager; compiled when the queue is first empty
+                family.deferred = accel
+                family.accel_report = {"applied": "none", "deferred": f"compile={accel.compile}"}
+            else:
+                family.accel_report = wan_accel.accelerate(pipe, accel)
         log.info("Wan %s loaded from %s (%s, text encoder on %s)", spec.what, folder, dtype, family._text_encoder_device())
         return family
+
+    def accelerate_deferred(self) -> dict | None:
+        """Compile and warm up the transformer blocks now that the worker is idle (compile_at: idle)."""
+        if self.deferred is None:
+            return None
+        accel, self.deferred = self.deferred, None
+        self.accel_report = wan_accel.accelerate(self.pipe, accel)
+        return self.accel_report
 
     def _place(self) -> None:
         for name in ("transformer", "transformer_2", "vae", "image_encoder"):

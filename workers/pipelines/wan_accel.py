@@ -31,6 +31,7 @@ class WanAcceleration:
     compile: str = "blocks"                              # "none" | "blocks" ("unet" is read as "blocks")
     warmup: tuple[tuple[int, int, int, int], ...] = ()   # (batch, frames, width, height), in this order
     cache_dir: Path | None = None                        # persistent Inductor/Triton cache
+    compile_at: str = "load"                             # "idle": WanFamily.accelerate_deferred does it
 
     @property
     def is_off(self) -> bool:
@@ -54,7 +55,8 @@ class WanAcceleration:
                 shape = (n, t.frames or 1, t.width, t.height)
                 if shape not in shapes:
                     shapes.append(shape)
-        return cls(compile=spec.compile, warmup=tuple(shapes), cache_dir=settings.data_dir / "compile-cache")
+        return cls(compile=spec.compile, warmup=tuple(shapes), cache_dir=settings.data_dir / "compile-cache",
+                   compile_at=spec.compile_at)
 
 
 def _transformers(pipe) -> list[torch.nn.Module]:

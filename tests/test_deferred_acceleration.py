@@ -1,0 +1,92 @@
+"""compile_at: idle — a worker reports ready before compiling, and its Runner runs the deferred
+compile and warm-ups between jobs, when the queue is empty. On the CPU the GPU levers are off, so
+the deferred part here is a real warm-up run of a tiny SDXL pipeline through the same code path."""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from storage.local import LocalStorage
+from tools.small_catalog import small_catalog
+from workers.callback import CallbackOutbox, LocalStatusSink
+from workers.config import Settings
+from workers.pipelines.accel import Acceleration
+from workers.pipelines.base import LoadOptions
+from workers.pipelines.residency import ResidentFamilies, Residency
+from workers.pipelines.sdxl import SDXLFamily
+from workers.queue import JobRecords, ReliableQueue
+from workers.runner import Runner
+
+CPU_SAFE = dict(channels_last=False, fuse_qkv=False, cuda_graphs=False, cudnn_benchmark=False)
+
+
+def test_split_defers_compile_and_later_warm_ups():
+    accel = Acceleration(compile="blocks", warmup=((1, 1024, 1024), (6, 1024, 1024)), compile_at="idle")
+    now, later = accel.split()
+    assert now.compile == "none" and now.cuda_graphs and now.warmup == ((1, 1024, 1024),)
+    assert now.fuse_qkv and now.channels_last                        # applied once, before ready
+    assert later.compile == "blocks" and later.warmup == accel.warmup
+    assert not later.fuse_qkv and not later.channels_last            # they stay from `now`
+
+
+def test_split_keeps_everything_at_load_when_asked_or_nothing_to_defer():
+    at_load = Acceleration(compile="blocks", warmup=((1, 512, 512), (2, 512, 512)), compile_at="load")
+    assert at_load.split() == (at_load, None)
+    graphs_only = Acceleration(compile="none", warmup=((1, 512, 512),), compile_at="idle")
+    assert graphs_only.split() == (graphs_only, None)
+
+
+def test_catalog_defers_by_default(tmp_path):
+    catalog = small_catalog(tmp_path)
+    accel = SDXLFamily.acceleration_for(catalog, "lustify_sdxl", Settings.from_env({"DATA_DIR": str(tmp_path)}))
+    assert accel.compile_at == "idle" and accel.split()[1] is not None
+
+
+def _runner(tmp_path, redis_client, families) -> Runner:
+    catalog = small_catalog(tmp_path / "catalog")
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "CLAIM_TIMEOUT": "0.2", "DEVICE": "cpu"})
+    queue = ReliableQueue(redis_client, "sdxl_queue", "deferred-test", 5.0)
+    queue.register({"state": "ready"})
+    return Runner(catalog=catalog, settings=settings, queue=queue, records=JobRecords(redis_client),
+                  storage=LocalStorage(tmp_path / "storage"), outbox=CallbackOutbox(redis_client, LocalStatusSink(tmp_path / "jobs")),
+                  families=families, load_errors={}, worker_type="sdxl")
+
+
+def test_an_idle_runner_runs_the_deferred_part_once(tmp_path, redis_client, tiny_sdxl):
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64),), **CPU_SAFE)
+    runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family})
+    loop = threading.Thread(target=runner.serve, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "before" not in family.accel_report and time.monotonic() < deadline:   # set when it is done
+            time.sleep(0.05)
+        assert family.deferred is None, "the idle runner never ran the deferred acceleration"
+        assert "1x64x64" in family.accel_report["warmup"]        # the warm-up really ran the pipeline
+        assert family.accel_report["before"]["applied"] == "none"
+        runner.accelerate_deferred()                               # nothing left: a no-op
+        assert family.deferred is None
+    finally:
+        runner.stop.graceful.set()
+        loop.join(10)
+
+
+def test_a_model_not_on_the_device_is_never_loaded_for_it(tmp_path, redis_client, tiny_sdxl):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+
+    families = ResidentFamilies(Residency({"lustify_sdxl": load}, torch.device("cpu")))
+    runner = _runner(tmp_path, redis_client, families)
+    runner.accelerate_deferred()
+    assert loads == []                                             # not loaded: left alone
+    family = families.residency.loaded("lustify_sdxl")
+    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64),), **CPU_SAFE)
+    families.residency.make_resident("lustify_sdxl")
+    runner.accelerate_deferred()
+    assert loads == [1] and family.deferred is None
