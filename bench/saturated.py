@@ -114,11 +114,13 @@ def _run_batch(client, catalog, sampler: UtilisationSampler, count: int, images:
     start = min(float(r["started_at"]) for r in done)
     end = max(float(r["completed_at"]) for r in done)
     return {"window_s": round(end - start, 3), "per_job_s": round((end - start) / count, 4),
-            "gpu_busy_pct": sampler.mean(start, end),
+            # Each nvidia-smi sample covers the period before it (up to 1 s): skip the first second,
+            # whose samples also saw the idle card before the batch.
+            "gpu_busy_pct": sampler.mean(start + 1.0, end),
             "job_seconds": sorted(round(float(r["seconds"]), 3) for r in done)}
 
 
-def run_saturated(report, state: dict, count: int = 12) -> None:
+def run_saturated(report, state: dict, count: int = 24) -> None:
     import redis
 
     from workers.embedded_redis import EmbeddedRedis
@@ -138,7 +140,7 @@ def run_saturated(report, state: dict, count: int = 12) -> None:
         if state["device"] == "cuda":   # compile_at: idle — the worker compiles once its queue is empty
             _wait_for_line(log_path, "accelerated while idle", max(30, report.left() - 60))
             report.say(f"saturated: image worker fully accelerated {time.monotonic() - t0:.1f}s after its start")
-        for images, n in ((1, count), (6, max(2, count // 3))):
+        for images, n in ((1, count), (6, max(2, count // 4))):
             r = _run_batch(client, catalog, sampler, n, images, max(30, report.left() - 30))
             report.row(f"saturated: sdxl_image_fast x{images}", f"{n} jobs queued at once, image worker process",
                        [r["per_job_s"]], **r)

@@ -42,6 +42,6 @@ def test_bench_parts_run_on_tiny_models(tmp_path):
     together = row("both workers on one card", "concurrent")
     assert together["sdxl_ready_s"] > 0 and together["wan_ready_s"] > 0
     # Saturated queue: the real image worker process ran every queued job through redis-server.
-    for images, count in ((1, 12), (6, 4)):
+    for images, count in ((1, 24), (6, 6)):
         saturated = row(f"saturated: sdxl_image_fast x{images}", f"{count} jobs")
         assert len(saturated["job_seconds"]) == count and saturated["window_s"] > 0

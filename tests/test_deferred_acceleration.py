@@ -90,3 +90,34 @@ def test_a_model_not_on_the_device_is_never_loaded_for_it(tmp_path, redis_client
     families.residency.make_resident("lustify_sdxl")
     runner.accelerate_deferred()
     assert loads == [1] and family.deferred is None
+
+
+def test_nothing_compiles_inside_a_job():
+    from workers.pipelines.accel import no_compile_in_jobs
+
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(tuple(example_inputs[-1].shape))   # parameters first, then the input
+        return graph.forward
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.linear(x)) * 2
+
+    block = Block()
+    block.compile(backend=counting_backend, dynamic=False)
+    warm, other = torch.randn(2, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        block(warm)                                    # the warm-up compiles this shape
+        with no_compile_in_jobs():
+            assert torch.equal(block(warm), torch.relu(block.linear(warm)) * 2)
+            out = block(other)                         # not warmed: eager, no compile
+        assert compiles == [(2, 8)]
+        assert torch.equal(out, torch.relu(block.linear(other)) * 2)
+        block(other)                                   # outside a job the compiler works as usual
+        assert compiles == [(2, 8), (5, 8)]

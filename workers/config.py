@@ -61,6 +61,7 @@ class OptimizeSpec(_Strict):
     # warm-up without compile (SDXL: the eager UNet's CUDA graph; Wan: eager), the rest the first time
     # the queue is empty (or after the runner's ACCELERATE_AFTER_JOBS jobs): restarts serve sooner.
     compile_at: Literal["load", "idle"] = "idle"
+    compile_vae: bool = True     # with compile: the VAE decoder too, one static graph per warmed size
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True
     # batch sizes warmed up (compiled, captured) at load, at each warm-up size; None: 1 and each job

@@ -14,6 +14,7 @@ What each lever does:
   "unet": the whole UNet forward, static shapes (faster kernels, one long compile per warmed shape;
   any other shape runs the plain eager UNet, never a compile inside a job).
   Inductor/Triton caches live under `cache_dir`, so a restart loads instead of recompiling.
+- compile_vae: the VAE decoder compiled too (static shapes: one graph per warmed size).
 - cuda_graphs: the UNet forward of each (batch, size) captured at warm-up is replayed as one CUDA
   graph: no per-kernel launch cost, no CPU work inside a step. Shapes not captured run eagerly.
 
@@ -49,6 +50,7 @@ class Acceleration:
     warmup: tuple[tuple[int, int, int], ...] = ()   # (images, width, height) run and captured at load
     cache_dir: Path | None = None           # persistent Inductor/Triton cache
     compile_at: str = "load"                # "idle": see split()
+    compile_vae: bool = True                # with compile != "none": the VAE decoder, static per warmed size
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
@@ -74,7 +76,8 @@ class Acceleration:
 
     def describe(self) -> str:
         parts = [name for name in ("channels_last", "fuse_qkv", "cuda_graphs", "cudnn_benchmark") if getattr(self, name)]
-        return ", ".join(parts + [f"compile={self.compile}"])
+        vae = ["compile_vae"] if self.compile != "none" and self.compile_vae else []
+        return ", ".join(parts + [f"compile={self.compile}"] + vae)
 
 
 def use_compile_cache(cache_dir: Path | None) -> None:
@@ -232,6 +235,10 @@ def apply(pipe, accel: Acceleration) -> GraphedUNet | None:
         log.info("compile=blocks: %d blocks (compiled at the first call)", count)
     elif accel.compile == "unet":
         inner = torch.compile(pipe.unet.forward, fullgraph=False, dynamic=False)
+    if accel.compile != "none" and accel.compile_vae:
+        # Decoding is sliced (one image at a time), so each warmed size is one static graph; any other
+        # size runs eagerly inside jobs (no_compile_in_jobs).
+        pipe.vae.decoder.compile(dynamic=False)
     if not accel.cuda_graphs:
         if inner is not pipe.unet.forward:
             pipe.unet.forward = inner
@@ -239,6 +246,13 @@ def apply(pipe, accel: Acceleration) -> GraphedUNet | None:
     graphed = GraphedUNet(pipe.unet, inner, eager)
     pipe.unet.forward = graphed
     return graphed
+
+
+def no_compile_in_jobs():
+    """Context for a job: code the warm-up compiled runs compiled, and whatever would need a new
+    compile (a size or batch no warm-up ran, an adapter changing a block) runs eagerly instead of
+    compiling for tens of seconds inside the job (torch.compiler stance, torch >= 2.6)."""
+    return torch.compiler.set_stance("eager_on_recompile")
 
 
 def remove(pipe) -> None:

@@ -121,7 +121,8 @@ class SDXLFamily:
         return Acceleration(channels_last=spec.channels_last, fuse_qkv=spec.fuse_qkv, compile=spec.compile,
                             cuda_graphs=spec.cuda_graphs, cudnn_benchmark=spec.cudnn_benchmark,
                             warmup=tuple((n, w, h) for w, h in sizes for n in batches),
-                            cache_dir=settings.data_dir / "compile-cache", compile_at=spec.compile_at)
+                            cache_dir=settings.data_dir / "compile-cache", compile_at=spec.compile_at,
+                            compile_vae=spec.compile_vae)
 
     def accelerate(self, accel: Acceleration) -> dict:
         """Apply `accel` and run the warm-ups (compiles, CUDA-graph captures) now, not in a job. A
@@ -275,7 +276,7 @@ class SDXLFamily:
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
         oom = None
         try:
-            with self.job_loras.active(job):
+            with self.job_loras.active(job), acceleration.no_compile_in_jobs():
                 result = pipe(
                     prompt=[job.prompt] * n,
                     negative_prompt=[job.negative_prompt] * n,

@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from workers.media import ImageLimits, VideoClip, load_labelled_image
 from workers.pipelines import wan_accel
+from workers.pipelines.accel import no_compile_in_jobs
 from workers.pipelines.wan_accel import WanAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
 from workers.pipelines.common import check_batch, free_device_memory, shared_components
@@ -230,7 +231,8 @@ class WanFamily:
             phase("encoding prompt")
             embeds = self._encode_prompt(job, plan)
             phase("generating")
-            frames = self._denoise_and_decode(job, width, height, embeds, references, plan, on_step, phase)
+            with no_compile_in_jobs():   # a shape the warm-up did not compile runs eagerly
+                frames = self._denoise_and_decode(job, width, height, embeds, references, plan, on_step, phase)
         except Exception as exc:   # noqa: BLE001 — only out-of-memory is handled; the rest propagates
             oom = out_of_memory_reason(exc)
             if oom is None:
