@@ -44,9 +44,9 @@ def test_catalog_defers_by_default(tmp_path):
     assert accel.compile_at == "idle" and accel.split()[1] is not None
 
 
-def _runner(tmp_path, redis_client, families) -> Runner:
+def _runner(tmp_path, redis_client, families, claim_timeout: float = 0.2) -> Runner:
     catalog = small_catalog(tmp_path / "catalog")
-    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "CLAIM_TIMEOUT": "0.2", "DEVICE": "cpu"})
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "CLAIM_TIMEOUT": str(claim_timeout), "DEVICE": "cpu"})
     queue = ReliableQueue(redis_client, "sdxl_queue", "deferred-test", 5.0)
     queue.register({"state": "ready"})
     return Runner(catalog=catalog, settings=settings, queue=queue, records=JobRecords(redis_client),
@@ -72,6 +72,30 @@ def test_an_idle_runner_runs_the_deferred_part_once(tmp_path, redis_client, tiny
     finally:
         runner.stop.graceful.set()
         loop.join(10)
+
+
+def test_a_worker_busy_for_long_compiles_between_jobs(tmp_path, redis_client, tiny_sdxl):
+    from workers.runner import ACCELERATE_AFTER_BUSY_SECONDS
+    from workers.submit import enqueue, new_payload
+
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64),), **CPU_SAFE)
+    runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family}, claim_timeout=8.0)  # never idle here
+    runner.busy_since -= ACCELERATE_AFTER_BUSY_SECONDS + 1     # as if the queue had not been empty since
+    payload = new_payload(runner.catalog, "sdxl_image_fast", "a lighthouse", "5f1b9d2c-0000-4000-8000-00000000abcd",
+                          num_images=1)
+    enqueue(redis_client, runner.catalog, payload)
+    loop = threading.Thread(target=runner.serve, daemon=True)
+    started = time.monotonic()
+    loop.start()
+    try:
+        while "before" not in family.accel_report and time.monotonic() - started < 6:
+            time.sleep(0.05)
+        assert "before" in family.accel_report, "a long-busy worker did not compile after its job"
+        assert JobRecords(redis_client).status(payload["jobId"]) == "completed"
+    finally:
+        runner.stop.graceful.set()
+        loop.join(15)
 
 
 def test_a_model_not_on_the_device_is_never_loaded_for_it(tmp_path, redis_client, tiny_sdxl):
