@@ -225,3 +225,24 @@ def test_check_rejects_missing_or_undecodable_init_image_before_any_unet_step(fa
 def test_check_refuses_modes_it_does_not_serve(family, catalog):
     with pytest.raises(ModelUnavailable, match="txt2video"):
         family.check(make_job(catalog, "video_fast"))
+
+
+def test_batched_cached_prompt_encoding_gives_the_pipelines_images(catalog, family):
+    """generate() encodes (prompt, negative) in one batch per text encoder and keeps the result; the
+    images are those of the pipeline's own prompt path, and a repeated prompt skips the encoders."""
+    job = make_job(catalog, jobId="enc-1", negativePrompt="blurry, low quality", numImages=2)
+    family._prompt_cache.clear()
+    ours = torch.stack([torch.from_numpy(pixels(im)) for im in family.generate(job, lambda *_: None)])
+    generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
+    theirs = family.txt2img(prompt=[job.prompt] * 2, negative_prompt=[job.negative_prompt] * 2,
+                            num_inference_steps=job.steps, guidance_scale=job.guidance, generator=generators,
+                            width=job.width, height=job.height, output_type="pil").images
+    assert (ours - torch.stack([torch.from_numpy(pixels(im)) for im in theirs])).abs().max() == 0   # fp32, CPU
+    calls = []
+    handle = family.txt2img.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = family.generate(dataclasses.replace(job, job_id="enc-2"), lambda *_: None)
+    finally:
+        handle.remove()
+    assert calls == [] and list(family._prompt_cache) == [(job.prompt, job.negative_prompt)]
+    assert torch.equal(torch.stack([torch.from_numpy(pixels(im)) for im in again]), ours)
