@@ -119,6 +119,7 @@ def _runner_stub(storage):  # what Runner._store uses of the runner: storage, an
 def project_call(family, job, storage):
     from workers.runner import Runner
 
+    getattr(family, "prompt_cache", {}).clear()   # every timed job encodes its prompts, as a new prompt does
     family.check(job)
     images = family.generate(job, lambda done, total: None)
     Runner._store(_runner_stub(storage), job, images)  # encode PNGs (threads) + upload, as the worker
@@ -326,6 +327,7 @@ def breakdown(family, job, storage) -> dict:
 
     handles = [pipe.text_encoder.register_forward_pre_hook(mark("text")), pipe.unet.register_forward_pre_hook(mark("denoise")),
                pipe.vae.post_quant_conv.register_forward_pre_hook(mark("vae")), pipe.vae.decoder.register_forward_hook(mark("to_pil"))]
+    getattr(family, "prompt_cache", {}).clear()
     try:
         sync()
         t0 = time.perf_counter()
@@ -392,7 +394,8 @@ def run_project(report: Report, folder: Path, jobs: list, device: str, storage, 
         report.say("phases of one", label(fast.job_type, 1), json.dumps(phases))
         pipe = family.txt2img
         try:
-            gaps = gpu_gaps(lambda: (family.check(fast), family.generate(fast, lambda *_: None)),  # PNGs overlap
+            prompts = getattr(family, "prompt_cache", {})
+            gaps = gpu_gaps(lambda: (prompts.clear(), family.check(fast), family.generate(fast, lambda *_: None)),
                             phases={"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
                                     "unet": pipe.unet, "vae": pipe.vae.decoder})
         except Exception as exc:  # noqa: BLE001 — a diagnostic must not lose the part's rows

@@ -231,7 +231,7 @@ def test_batched_cached_prompt_encoding_gives_the_pipelines_images(catalog, fami
     """generate() encodes (prompt, negative) in one batch per text encoder and keeps the result; the
     images are those of the pipeline's own prompt path, and a repeated prompt skips the encoders."""
     job = make_job(catalog, jobId="enc-1", negativePrompt="blurry, low quality", numImages=2)
-    family._prompt_cache.clear()
+    family.prompt_cache.clear()
     ours = torch.stack([torch.from_numpy(pixels(im)) for im in family.generate(job, lambda *_: None)])
     generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
     theirs = family.txt2img(prompt=[job.prompt] * 2, negative_prompt=[job.negative_prompt] * 2,
@@ -244,5 +244,5 @@ def test_batched_cached_prompt_encoding_gives_the_pipelines_images(catalog, fami
         again = family.generate(dataclasses.replace(job, job_id="enc-2"), lambda *_: None)
     finally:
         handle.remove()
-    assert calls == [] and list(family._prompt_cache) == [(job.prompt, job.negative_prompt)]
+    assert calls == [] and list(family.prompt_cache) == [(job.prompt, job.negative_prompt)]
     assert torch.equal(torch.stack([torch.from_numpy(pixels(im)) for im in again]), ours)

@@ -74,7 +74,7 @@ class SDXLFamily:
         self.limits = limits
         self.source = source  # "folder", "single_file" or "converted_cache": how the weights were read
         self._prepared: tuple[str, Image.Image] | None = None  # (job_id, decoded init image) from check()
-        self._prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.prompt_cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.graphed: acceleration.GraphedUNet | None = None
         self.deferred: Acceleration | None = None   # compile_at: idle — run by accelerate_deferred()
         self.accel_report: dict = {"applied": "none"}
@@ -311,17 +311,17 @@ class SDXLFamily:
         a small LRU keyed by the two texts, since negative prompts and retried prompts repeat; a job
         with LoRAs (which may change the text encoders) is never cached."""
         key = (job.prompt, job.negative_prompt)
-        cached = None if job.loras else self._prompt_cache.get(key)
+        cached = None if job.loras else self.prompt_cache.get(key)
         if cached is not None:
-            self._prompt_cache.move_to_end(key)
+            self.prompt_cache.move_to_end(key)
             return cached
         embeds, _, pooled, _ = self.txt2img.encode_prompt(
             prompt=[job.prompt, job.negative_prompt], device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False)
         if not job.loras:
-            self._prompt_cache[key] = (embeds, pooled)
-            while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-                self._prompt_cache.popitem(last=False)
+            self.prompt_cache[key] = (embeds, pooled)
+            while len(self.prompt_cache) > PROMPT_CACHE_SIZE:
+                self.prompt_cache.popitem(last=False)
         return embeds, pooled
 
     def free_memory(self) -> None:
