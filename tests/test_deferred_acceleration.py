@@ -27,8 +27,7 @@ def test_split_defers_compile_and_later_warm_ups():
     now, later = accel.split()
     assert now.compile == "none" and now.cuda_graphs and now.warmup == ((1, 1024, 1024),)
     assert now.fuse_qkv and now.channels_last                        # applied once, before ready
-    assert later.compile == "blocks" and later.warmup == accel.warmup
-    assert not later.fuse_qkv and not later.channels_last            # they stay from `now`
+    assert later == accel                                            # the whole block, once idle
 
 
 def test_split_keeps_everything_at_load_when_asked_or_nothing_to_defer():
@@ -145,3 +144,16 @@ def test_nothing_compiles_inside_a_job():
         assert torch.equal(out, torch.relu(block.linear(other)) * 2)
         block(other)                                   # outside a job the compiler works as usual
         assert compiles == [(2, 8), (5, 8)]
+
+
+def test_the_deferred_part_does_not_fuse_qkv_twice(tiny_sdxl):
+    from workers.pipelines import accel as acceleration
+
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    pipe = family.txt2img
+    levers = dict(CPU_SAFE, fuse_qkv=True)
+    acceleration.apply(pipe, Acceleration(compile="none", **levers))      # before ready
+    fused = [m.to_qkv.weight for m in pipe.unet.modules() if hasattr(m, "to_qkv")]
+    acceleration.apply(pipe, Acceleration(compile="none", **levers))      # the deferred part, later
+    after = [m.to_qkv.weight for m in pipe.unet.modules() if hasattr(m, "to_qkv")]
+    assert fused and len(after) == len(fused) and all(a is b for a, b in zip(after, fused))

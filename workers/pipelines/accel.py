@@ -59,11 +59,10 @@ class Acceleration:
     def split(self) -> tuple["Acceleration", "Acceleration | None"]:
         """(before ready, deferred). With compile_at="idle" the worker gets ready on the eager UNet's
         CUDA graph at the first warm-up shape (seconds), and the deferred part (compile, every warm-up
-        shape) runs when the runner finds the queue empty. fuse_qkv and channels_last stay applied."""
+        shape) runs when the runner finds the queue empty; apply() does not fuse twice."""
         if self.compile_at != "idle" or (self.compile == "none" and len(self.warmup) <= 1):
             return self, None
-        now = dataclasses.replace(self, compile="none", warmup=self.warmup[:1])
-        return now, dataclasses.replace(self, fuse_qkv=False, channels_last=False)
+        return dataclasses.replace(self, compile="none", warmup=self.warmup[:1]), self
 
     @classmethod
     def off(cls) -> "Acceleration":
@@ -222,7 +221,7 @@ def apply(pipe, accel: Acceleration) -> GraphedUNet | None:
     (or None without cuda_graphs); run the warm-up inside `wrapper.capture()`."""
     if accel.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    if accel.fuse_qkv:
+    if accel.fuse_qkv and not getattr(pipe, "fusing_unet", False):   # fusing again would copy the weights
         pipe.fuse_qkv_projections()
     if accel.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
