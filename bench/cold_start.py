@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from workers.pipelines.accel import Acceleration
     from workers.pipelines.base import LoadOptions
     from workers.pipelines.sdxl import SDXLFamily
-    from bench.sdxl_bench import compile_stats, make_job, project_call
+    from bench.common import compile_stats
+    from bench.sdxl_bench import make_job, project_call
 
     marks["imports"] = time.time() - t0
     device = "cuda" if torch.cuda.is_available() else "cpu"

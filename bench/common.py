@@ -55,6 +55,18 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def compile_stats() -> dict:
+    """Dynamo's counters (graphs, recompiles) and compile-time summary, when anything was compiled."""
+    try:
+        from torch._dynamo.utils import compile_times, counters
+
+        stats = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "graph_break")}
+        stats["compile_times"] = str(compile_times(repr="str", aggregate=True))[:1500]
+        return stats
+    except Exception as exc:  # noqa: BLE001 — diagnostics only
+        return {"error": repr(exc)}
+
+
 @dataclass
 class Report:
     started: float = field(default_factory=time.perf_counter)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import PEAK_TFLOPS, Report, peak_gib, rel_err, reset_peak, sync, timed
+from bench.common import PEAK_TFLOPS, Report, compile_stats, peak_gib, rel_err, reset_peak, sync, timed
 from bench.gpu_gaps import gpu_gaps
 
 PROMPT = "t1 t2 t3 a lighthouse at dusk"
@@ -346,18 +346,6 @@ def breakdown(family, job, storage) -> dict:
     media.encode_pngs(images)  # again, alone: how much of png_upload is the encoding
     phases["png_encode_alone"] = round(time.perf_counter() - t1, 4)
     return phases
-
-
-def compile_stats() -> dict:
-    """Dynamo's counters (graphs, recompiles) and compile-time summary, when anything was compiled."""
-    try:
-        from torch._dynamo.utils import compile_times, counters
-
-        stats = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "graph_break")}
-        stats["compile_times"] = str(compile_times(repr="str", aggregate=True))[:1500]
-        return stats
-    except Exception as exc:  # noqa: BLE001 — diagnostics only
-        return {"error": repr(exc)}
 
 
 def run_project(report: Report, folder: Path, jobs: list, device: str, storage, plain: dict, fp32: dict | None,
