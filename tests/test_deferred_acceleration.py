@@ -57,6 +57,8 @@ def test_an_idle_runner_runs_the_deferred_part_once(tmp_path, redis_client, tiny
     family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
     family.deferred = Acceleration(compile="none", warmup=((1, 64, 64),), **CPU_SAFE)
     runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family})
+    seen = []   # what the heartbeat would report while the warm-up runs the UNet
+    hook = family.txt2img.unet.register_forward_pre_hook(lambda *_: seen.append(runner.compiling))
     loop = threading.Thread(target=runner.serve, daemon=True)
     loop.start()
     try:
@@ -68,7 +70,9 @@ def test_an_idle_runner_runs_the_deferred_part_once(tmp_path, redis_client, tiny
         assert family.accel_report["before"]["applied"] == "none"
         runner.accelerate_deferred()                               # nothing left: a no-op
         assert family.deferred is None
+        assert seen and set(seen) == {"lustify_sdxl"} and runner.compiling is None
     finally:
+        hook.remove()
         runner.stop.graceful.set()
         loop.join(10)
 

@@ -116,6 +116,7 @@ class Runner:
         self.exit_code = 0                # what the worker process exits with once serve() returns
         self.finisher = Finisher() if settings.overlap_finish else None
         self.busy_since = clock()         # when the queue was last found empty
+        self.compiling: str | None = None  # the model whose deferred compile is running
 
     # --- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -145,11 +146,14 @@ class Runner:
             run = getattr(family, "accelerate_deferred", None)
             if run is None:
                 continue
+            self.compiling = key          # the heartbeat says so: the worker is alive, not claiming
             try:
                 report = run()
             except Exception:   # an optional speed-up must not take the worker down
                 log.exception("deferred acceleration of %s failed; it keeps serving as it was", key)
                 continue
+            finally:
+                self.compiling = None
             if report is not None:
                 log.info("model %s accelerated while idle: %s in %.1fs", key, report.get("applied"),
                          report.get("seconds", 0.0))

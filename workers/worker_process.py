@@ -82,7 +82,8 @@ def _start_heartbeat(queue: ReliableQueue, runner: Runner, models: dict) -> thre
     def beat() -> None:
         while not stop.is_set():
             try:
-                queue.heartbeat({"state": "busy" if runner.current_job else "idle", "job": runner.current_job,
+                state = "busy" if runner.current_job else (f"compiling {runner.compiling}" if runner.compiling else "idle")
+                queue.heartbeat({"state": state, "job": runner.current_job,
                                  "models": models, "vram_bytes": vram_in_use()})
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
