@@ -6,8 +6,9 @@ production settings, the Finisher on) fed a queue of jobs at once through a real
 For each batch (N one-image jobs, then N six-image jobs): the window from the first job's start to
 the last job's completion (the workers' own records), seconds per job in that window, and the
 card's mean utilisation in it (`nvidia-smi utilization.gpu`: the share of time a kernel ran, sampled
-every 100 ms). With the Finisher, PNG encoding, upload and callback of one job overlap the next
-job's generation, so the card should hardly wait between jobs. The worker reads the compile cache
+every 100 ms), and for one-image jobs the kernel time of one profiled job (the `project` part's
+GPU timeline) over the seconds a job takes here. With the Finisher, PNG encoding, upload and
+callback of one job overlap the next job's generation, so the card should hardly wait between jobs. The worker reads the compile cache
 under the bench's data folder, as the `project` part left it.
 """
 from __future__ import annotations
@@ -140,8 +141,13 @@ def run_saturated(report, state: dict, count: int = 24) -> None:
         if state["device"] == "cuda":   # compile_at: idle — the worker compiles once its queue is empty
             _wait_for_line(log_path, "accelerated while idle", max(30, report.left() - 60))
             report.say(f"saturated: image worker fully accelerated {time.monotonic() - t0:.1f}s after its start")
+        # Kernel time of one profiled sdxl_image_fast job (the `project` part, when it ran): a second
+        # busy measure, independent of nvidia-smi's sampling.
+        profiled = next((g["gpu_busy_ms"] for g in report.meta.get("gaps", {}).values() if "gpu_busy_ms" in g), None)
         for images, n in ((1, count), (6, max(2, count // 4))):
             r = _run_batch(client, catalog, sampler, n, images, max(30, report.left() - 30))
+            if images == 1 and profiled:
+                r["kernel_share_pct"] = round(100 * profiled / 1000 / r["per_job_s"], 1)
             report.row(f"saturated: sdxl_image_fast x{images}", f"{n} jobs queued at once, image worker process",
                        [r["per_job_s"]], **r)
     finally:
