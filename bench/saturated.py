@@ -14,7 +14,6 @@ under the bench's data folder, as the `project` part left it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -53,12 +52,6 @@ class UtilisationSampler:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_worker(state: dict, redis_url: str, log_path: Path, timeout: float) -> subprocess.Popen:
@@ -124,19 +117,18 @@ def _run_batch(client, catalog, sampler: UtilisationSampler, count: int, images:
 def run_saturated(report, state: dict, count: int = 24) -> None:
     import redis
 
-    from workers.embedded_redis import EmbeddedRedis
+    from bench.queue_bench import start_redis
 
     catalog = state["catalog"]
-    server = EmbeddedRedis(_free_port(), state["work"] / "saturated-redis")
-    server.start()
+    server, url = start_redis(state["work"] / "saturated-redis")
     sampler = UtilisationSampler()
     proc = None
     try:
         t0 = time.monotonic()
         log_path = state["work"] / "saturated-worker.log"
-        proc = _start_worker(state, server.url, log_path, max(60, report.left() - 60))
+        proc = _start_worker(state, url, log_path, max(60, report.left() - 60))
         report.say(f"saturated: image worker ready in {time.monotonic() - t0:.1f}s")
-        client = redis.Redis.from_url(server.url)
+        client = redis.Redis.from_url(url)
         _run_batch(client, catalog, sampler, 2, 1, max(30, report.left() - 30))   # warm: first-job effects out
         if state["device"] == "cuda":   # compile_at: idle — the worker compiles once its queue is empty
             _wait_for_line(log_path, "accelerated while idle", max(30, report.left() - 60))
@@ -158,4 +150,5 @@ def run_saturated(report, state: dict, count: int = 24) -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        server.stop()
+        server.terminate()
+        server.wait(10)

@@ -82,16 +82,18 @@ def disk_bytes(path, counted: set | None = None) -> int:
     from workers.pipelines.common import folder_fingerprint
     from workers.pipelines.dit import SHARED_PARTS
 
-    def weights(root):
-        return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in (".safetensors", ".bin"))
-
     if path.is_file():
         return path.stat().st_size
-    total = weights(path)
+    by_part: dict[str, int] = {}   # weight bytes per top-level folder (text_encoder, vae, transformer, ...)
+    for p in path.rglob("*"):
+        if p.suffix in (".safetensors", ".bin"):
+            part = p.relative_to(path).parts[0]
+            by_part[part] = by_part.get(part, 0) + p.stat().st_size
+    total = sum(by_part.values())
     for name in SHARED_PARTS if counted is not None else ():
         if (path / name).is_dir():
             key = (name, folder_fingerprint(path / name))
-            total -= weights(path / name) if key in counted else 0
+            total -= by_part.get(name, 0) if key in counted else 0
             counted.add(key)
     return total
 

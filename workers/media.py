@@ -56,16 +56,14 @@ def encode_png(image: Image.Image) -> bytes:
 
 def encode_pngs(images: list[Image.Image]) -> list[bytes]:
     """encode_png of each image, in order; the bands of all images are encoded in parallel."""
-    rgb = [i for i, image in enumerate(images) if image.mode == "RGB"]
-    out: list[bytes] = [b""] * len(images)
-    for i, data in zip(rgb, png.encode_many([np.asarray(images[i]) for i in rgb])):
-        out[i] = data
-    for i, image in enumerate(images):
-        if image.mode != "RGB":
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG", compress_level=1, optimize=False, icc_profile=None)
-            out[i] = buffer.getvalue()
-    return out
+    encoded = iter(png.encode_many([np.asarray(image) for image in images if image.mode == "RGB"]))
+    return [next(encoded) if image.mode == "RGB" else _pil_png(image) for image in images]
+
+
+def _pil_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1, optimize=False, icc_profile=None)
+    return buffer.getvalue()
 
 
 def _decode_data_uri(source: str, max_bytes: int) -> bytes:

@@ -143,12 +143,11 @@ class Runner:
         """compile_at: idle (job_types.yaml) — each family's deferred compile and warm-ups, between
         jobs. Cheap when nothing is deferred; a failure leaves that model serving as it was."""
         for key, family in self.families.items():
-            run = getattr(family, "accelerate_deferred", None)
-            if run is None:
+            if getattr(family, "deferred", None) is None:   # nothing deferred (or not on the device)
                 continue
             self.compiling = key          # the heartbeat says so: the worker is alive, not claiming
             try:
-                report = run()
+                report = family.accelerate_deferred()
             except Exception:   # an optional speed-up must not take the worker down
                 log.exception("deferred acceleration of %s failed; it keeps serving as it was", key)
                 continue

@@ -1,6 +1,7 @@
 """Small pieces every model family uses the same way (torch and PIL; no diffusers)."""
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import importlib
@@ -35,12 +36,20 @@ def free_device_memory(device: torch.device) -> None:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """Same files (names, sizes, first and last 64 KiB): the same component. Cheap even for 16 GB."""
+    """Same files (names, sizes, first and last 64 KiB): the same component. Cheap even for 16 GB,
+    and read once per process while the files' sizes and times stay the same (the image worker's
+    start-up plan and the load that follows both ask)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    stats = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(Path(folder), stats)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(folder: Path, stats: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
-        with open(path, "rb") as handle:
+    for name, size, _ in stats:
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(folder / name, "rb") as handle:
             digest.update(handle.read(65536))
             if size > 65536:
                 handle.seek(max(65536, size - 65536))

@@ -272,14 +272,17 @@ class ResidentFamily:
         return self.residency.loaded(self.key).generate(job, on_step)
 
 
-    def accelerate_deferred(self) -> dict | None:
-        """The model's deferred compile (compile_at: idle), only while it is on the device: this never
-        loads or moves a model."""
+    @property
+    def deferred(self):
+        """The model's deferred compile (compile_at: idle), only while it is on the device: asking, or
+        running it, never loads or moves a model."""
         entry = self.residency.entries.get(self.key)
         if entry is None or entry.family is None or entry.where != "device":
             return None
-        run = getattr(entry.family, "accelerate_deferred", None)
-        return run() if run is not None else None
+        return getattr(entry.family, "deferred", None)
+
+    def accelerate_deferred(self) -> dict | None:
+        return self.residency.entries[self.key].family.accelerate_deferred() if self.deferred is not None else None
 
 
 class ResidentFamilies(dict):

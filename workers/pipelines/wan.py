@@ -109,11 +109,9 @@ class WanFamily:
         family._place()
         # Text-to-video only: its warm-up needs no input image (the other kinds would compile in a job).
         if device.type == "cuda" and kind == "wan" and accel is not None and not accel.is_off:
-            if accel.compile_at == "idle":   # ready now, eager; compiled when the queue is first empty
-                family.deferred = accel
-                family.accel_report = {"applied": "none", "deferred": f"compile={accel.compile}"}
-            else:
-                family.accel_report = wan_accel.accelerate(pipe, accel)
+            now, family.deferred = accel.split()
+            family.accel_report = (wan_accel.accelerate(pipe, now) if now is not None else
+                                   {"applied": "none", "deferred": f"compile={accel.compile}"})
         log.info("Wan %s loaded from %s (%s, text encoder on %s)", spec.what, folder, dtype, family._text_encoder_device())
         return family
 

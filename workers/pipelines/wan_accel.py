@@ -37,6 +37,11 @@ class WanAcceleration:
     def is_off(self) -> bool:
         return self.compile == "none"
 
+    def split(self) -> tuple["WanAcceleration | None", "WanAcceleration | None"]:
+        """(before ready, deferred), as Acceleration.split: with compile_at="idle" all of it waits
+        (the worker serves eager until its queue is first empty)."""
+        return (None, self) if self.compile_at == "idle" else (self, None)
+
     @classmethod
     def for_model(cls, catalog, model_key: str, settings) -> "WanAcceleration":
         """Warm-up shapes: each job type of the model, videos first (their shape compiles static),
