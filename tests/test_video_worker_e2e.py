@@ -57,18 +57,22 @@ def local_callbacks(tmp_path, job_id):
 
 
 def test_images_videos_i2v_and_r2v_as_the_contract_says(tmp_path, make_worker, redis_client):
-    job_types = write_small_job_types(tmp_path / "catalog", steps=2, job_types={"video_i2v_fast": {"width": 96}})
+    job_types = write_small_job_types(tmp_path / "catalog", steps=2, job_types={"video_i2v_fast": {"width": 96},
+                                                                                "video_fast_cached": {"steps": 4}})
     with SupabaseStandin(service_key="service-key-for-tests") as cloud:
         worker = make_worker(job_types, SUPABASE_URL=cloud.url, SUPABASE_SERVICE_KEY="service-key-for-tests")
         images = contract_payload("image_fast", seed=11)
         video = video_payload(seed=5)
         i2v = video_payload("video_i2v_fast", referenceImage=image_uri((48, 80)), bucket="video_fast")
         r2v = video_payload("video_r2v", referenceImages=[image_uri(), image_uri((64, 64), (0, 90, 200), "JPEG")])
-        for payload in (images, video, i2v, r2v):
+        cached = video_payload("video_fast_cached", seed=5)   # the caching tier: 4 steps, 2 of them reused
+        for payload in (images, video, i2v, r2v, cached):
             push(redis_client, payload, queue="wan_queue")
-        records = {p["jobType"]: wait_for(redis_client, p["jobId"]) for p in (images, video, i2v, r2v)}
+        records = {p["jobType"]: wait_for(redis_client, p["jobId"]) for p in (images, video, i2v, r2v, cached)}
         assert {t: r["status"] for t, r in records.items()} == dict.fromkeys(records, "completed"), worker.output()
-        assert all(r["step"] == r["steps"] == "2" and float(r["progress"]) == 1.0 for r in records.values())
+        assert all(r["step"] == r["steps"] == ("4" if t == "video_fast_cached" else "2") and float(r["progress"]) == 1.0
+                   for t, r in records.items())
+        assert "step cache plan CssC, blocks run/reused per branch {'cond': [2, 2], 'uncond': [2, 2]}" in worker.output()
 
         pngs = [f"{USER}/{images['jobId']}_{i}.png" for i in range(2)]
         for path in pngs:
@@ -79,7 +83,7 @@ def test_images_videos_i2v_and_r2v_as_the_contract_says(tmp_path, make_worker, r
             "bucket": "image_fast"}
 
         for payload, bucket, size in ((video, "video_fast", (64, 64)), (i2v, "video_fast", (64, 96)),
-                                      (r2v, "video_high", (64, 64))):
+                                      (r2v, "video_high", (64, 64)), (cached, "video_fast", (64, 64))):
             mp4, thumb = f"{USER}/{payload['jobId']}.mp4", f"{USER}/{payload['jobId']}_thumb.jpg"
             data, content_type = cloud.objects[f"{bucket}/{mp4}"]
             assert content_type == "video/mp4" and data.find(b"moov") < data.find(b"mdat")   # +faststart

@@ -71,6 +71,16 @@ class OptimizeSpec(_Strict):
     warmup_sizes: list[Annotated[str, Field(pattern=r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$")]] | None = None
 
 
+class MagCacheCalibration(_Strict):
+    """A checkpoint's MagCache calibration (workers/pipelines/step_cache.py): per denoising step, the
+    mean ratio of the blocks' residual norm to the previous step's, one list per CFG branch."""
+    num_layers: int = Field(ge=1)            # the transformer it was measured on
+    num_attention_heads: int = Field(ge=1)
+    source: str
+    cond: list[Annotated[float, Field(gt=0, lt=2)]] = Field(min_length=2)
+    uncond: list[Annotated[float, Field(gt=0, lt=2)]] = Field(min_length=2)
+
+
 class ModelSpec(_Strict):
     # wan: text-to-video and one-frame images; wan_i2v: image-to-video; wan_vace: reference-to-video
     # qwen_image: Qwen-Image (text-to-image, inpaint); qwen_image_edit: Qwen-Image-Edit Plus (edit, inpaint)
@@ -80,6 +90,15 @@ class ModelSpec(_Strict):
     config_path: str | None = None
     config_env: str | None = None
     optimize: OptimizeSpec = OptimizeSpec()
+    magcache: list[MagCacheCalibration] = []   # for job types with step_cache; matched to the loaded transformer
+
+
+class StepCacheSpec(_Strict):
+    """A step-caching quality tier (changes the numerics): MagCache's skip rule, see step_cache.py."""
+    method: Literal["magcache"] = "magcache"
+    threshold: float = Field(gt=0, le=1)       # accumulated error allowed before the blocks run again
+    max_skip_steps: int = Field(ge=1, le=10)   # reused steps in a row, at most
+    retention: float = Field(ge=0, lt=1)       # share of the first steps that always run
 
 
 class LoraSpec(_Strict):
@@ -110,6 +129,7 @@ class JobTypeSpec(_Strict):
     fallback: str | None = None
     phase: int = Field(ge=1)
     loras: list[LoraSpec] = []     # applied to every job of this type, before the payload's own
+    step_cache: StepCacheSpec | None = None   # a caching tier: some steps reuse the transformer's residual
 
     @property
     def content_type(self) -> str:
@@ -171,6 +191,10 @@ class Catalog(_Strict):
                 raise ValueError(f"{where}.model: unknown model {spec.model!r} (known: {sorted(self.models)})")
             if spec.fallback is not None and spec.fallback not in self.job_types:
                 raise ValueError(f"{where}.fallback: unknown job type {spec.fallback!r}")
+            if spec.step_cache is not None and (self.models[spec.model].family != "wan"
+                                                or not self.models[spec.model].magcache):
+                raise ValueError(f"{where}.step_cache: needs a `wan` model with a `magcache` calibration "
+                                 f"({spec.model!r} has none)")
             if spec.default_images > self.limits.max_images_per_job:
                 raise ValueError(f"{where}.default_images: {spec.default_images} exceeds limits.max_images_per_job")
         queues = [w.queue for w in self.workers.values()]

@@ -34,7 +34,8 @@ def load_models(catalog: Catalog, settings: Settings, model_keys: list[str]) -> 
                               cache_dir=None, vram_budget_bytes=budget)
         try:
             accel = WanAcceleration.for_model(catalog, key, settings) if str(device).startswith("cuda") else None
-            families[key] = WanFamily.load(options, limits=limits, kind=model.family, shared=shared, accel=accel)
+            families[key] = WanFamily.load(options, limits=limits, kind=model.family, shared=shared, accel=accel,
+                                           magcache=model.magcache)
         except ModelUnavailable as exc:
             hint = f"; set {model.env} (absolute, or relative to MODELS_DIR)" if model.env else ""
             errors[key] = f"{exc}{hint}"

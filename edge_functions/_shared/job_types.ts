@@ -228,6 +228,31 @@ export const JOB_TYPES: Record<string, JobTypeSpec> = {
     "fallback": null,
     "phase": 1
   },
+  "video_fast_cached": {
+    "name": "video_fast_cached",
+    "queue": "wan_queue",
+    "workerType": "WAN",
+    "content": "video",
+    "mode": "txt2video",
+    "model": "wan_2_1_1_3b",
+    "width": 480,
+    "height": 832,
+    "steps": 15,
+    "guidance": 6.5,
+    "strength": null,
+    "frames": 81,
+    "fps": 16,
+    "defaultImages": 1,
+    "maxImages": 1,
+    "buckets": [
+      "video_fast"
+    ],
+    "quality": "fast",
+    "expectedSeconds": 120.0,
+    "maxAttempts": 2,
+    "fallback": null,
+    "phase": 1
+  },
   "video_high": {
     "name": "video_high",
     "queue": "wan_queue",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from diffusers import WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 from PIL import Image, ImageOps
 
 from workers.media import ImageLimits, VideoClip, load_labelled_image
-from workers.pipelines import wan_accel
+from workers.pipelines import step_cache, wan_accel
 from workers.pipelines.accel import no_compile_in_jobs
 from workers.pipelines.wan_accel import WanAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
@@ -74,12 +75,15 @@ class WanFamily:
         self._prepared: tuple[str, list[Image.Image]] | None = None  # (job_id, references) from check()
         self.accel_report: dict = {"applied": "none"}
         self.deferred: WanAcceleration | None = None   # compile_at: idle — run by accelerate_deferred()
+        self.magcache = None        # the config.MagCacheCalibration matching this transformer, if any
+        self.step_cache_stats: dict = {}   # the last job's {branch: [blocks run, reused]}; {} uncached
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, opts: LoadOptions, limits: ImageLimits | None = None, kind: str = "wan",
-             shared: dict | None = None, accel: WanAcceleration | None = None) -> "WanFamily":
+             shared: dict | None = None, accel: WanAcceleration | None = None,
+             magcache: list | tuple = ()) -> "WanFamily":
         if kind not in KINDS:
             raise ModelUnavailable(f"unknown Wan kind {kind!r} (known: {', '.join(KINDS)})")
         spec = KINDS[kind]
@@ -107,6 +111,7 @@ class WanFamily:
         pipe.vae.enable_slicing()   # one clip/image at a time through the VAE: the decode peak of one item
         family = cls(pipe, kind, device, limits or ImageLimits(), opts.vram_budget_bytes)
         family._place()
+        family._install_step_cache(magcache)
         # Text-to-video only: its warm-up needs no input image (the other kinds would compile in a job).
         if device.type == "cuda" and kind == "wan" and accel is not None and not accel.is_off:
             now, family.deferred = accel.split()
@@ -122,6 +127,27 @@ class WanFamily:
         accel, self.deferred = self.deferred, None
         self.accel_report = wan_accel.accelerate(self.pipe, accel)
         return self.accel_report
+
+    def _install_step_cache(self, calibrations) -> None:
+        """Find the MagCache calibration measured on this transformer; with one, the block list can
+        run a job type's step_cache plan (step_cache.py). Two-expert Wan 2.2 has none."""
+        config = self.pipe.transformer.config
+        if getattr(self.pipe, "transformer_2", None) is not None:
+            return
+        self.magcache = next((c for c in calibrations if (c.num_layers, c.num_attention_heads) ==
+                              (config.num_layers, config.num_attention_heads)), None)
+        if self.magcache is not None:
+            step_cache.install(self.pipe.transformer)
+
+    def _step_plan(self, job) -> "step_cache.StepPlan | None":
+        if job.spec.step_cache is None:
+            return None
+        if self.magcache is None:
+            config = self.pipe.transformer.config
+            raise ModelUnavailable(f"{job.job_type} caches steps with a MagCache calibration, and job_types.yaml "
+                                   f"has none for this checkpoint ({config.num_layers} layers, "
+                                   f"{config.num_attention_heads} heads{', two transformers' if getattr(self.pipe, 'transformer_2', None) is not None else ''})")
+        return step_cache.StepPlan.magcache(self.magcache, job.spec.step_cache, job.steps)
 
     def _place(self) -> None:
         for name in ("transformer", "transformer_2", "vae", "image_encoder"):
@@ -168,6 +194,7 @@ class WanFamily:
             if not job.fps:
                 raise ValueError(f"{job.job_type} has no fps")
         check_batch(job)
+        self._step_plan(job)
         count = len(job.reference_images)
         if mode == "img2video" and count != 1:
             raise ValueError(f"{job.job_type} needs exactly one reference image, got {count}")
@@ -278,11 +305,17 @@ class WanFamily:
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
         if job.spec.content == "video":   # one clip; the VACE pipeline refuses a list of generators
             generators = generators[0]
-        result = self.pipe(
-            prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=height, width=width,
-            num_frames=job.frames or 1, num_inference_steps=job.steps, guidance_scale=job.guidance,
-            generator=generators, output_type="pt", callback_on_step_end=step_end,
-            max_sequence_length=MAX_SEQUENCE_LENGTH, **kwargs)
+        plan = self._step_plan(job)
+        with self.pipe.transformer.blocks.active(plan) if plan else nullcontext() as cached:
+            result = self.pipe(
+                prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=height, width=width,
+                num_frames=job.frames or 1, num_inference_steps=job.steps, guidance_scale=job.guidance,
+                generator=generators, output_type="pt", callback_on_step_end=step_end,
+                max_sequence_length=MAX_SEQUENCE_LENGTH, **kwargs)
+        self.step_cache_stats = {} if cached is None else {b: list(n) for b, n in cached.stats.items()}
+        if cached is not None:
+            log.info("%s: step cache plan %s, blocks run/reused per branch %s", job.job_id, plan.describe(),
+                     self.step_cache_stats)
         return result.frames
 
     @staticmethod
