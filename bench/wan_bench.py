@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import PEAK_TFLOPS, Report, peak_gib, rel_err, reset_peak, timed
+from bench.common import PEAK_TFLOPS, Report, peak_gib, rel_err, reset_peak, sync, timed
 
 JOB_TYPES = ("video_fast", "image_fast")   # timed `runs` times, latents checked against plain
 ONCE = ("video_high",)                     # quality tier: a 2-step warm-up, then one timed run
+CACHED = "video_fast_cached"               # caching tier: against diffusers' own MagCache, drift vs video_fast
 PROMPT = "a lighthouse at dusk, waves, slow camera pan"
 MODEL_KEY = "wan_2_1_1_3b"
 
@@ -137,6 +138,53 @@ def floor_s(flops: dict, job) -> float:
     return round((job.steps * flops["cfg_step"] + flops["vae_decode"]) / (PEAK_TFLOPS * 1e12), 3)
 
 
+class PhaseClock:
+    """An on_step that timestamps the family's phases (device synced at each boundary)."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, float]] = []
+
+    def __call__(self, done, total):
+        pass
+
+    def phase(self, name):
+        sync()
+        self.marks.append((name, time.perf_counter()))
+
+
+def wan_phases(family, job, storage) -> dict:
+    """Seconds of one job by phase: text encoding, denoising, VAE decode + uint8 frames, MP4 + upload."""
+    from bench.sdxl_bench import _runner_stub
+    from workers.runner import Runner
+
+    clock = PhaseClock()
+    family.check(job)
+    clock.phase("start")
+    out = family.generate(job, clock)
+    clock.phase("store")
+    stub = _runner_stub(storage)
+    stub._store_video = lambda j, clip: Runner._store_video(stub, j, clip)
+    Runner._store(stub, job, out)
+    clock.phase("end")
+    names = {"start": "check", "encoding prompt": "text", "generating": "denoise", "decoding": "vae_decode_uint8",
+             "store": "mp4_thumb_upload"}
+    marks = clock.marks
+    return {names.get(a, a): round(tb - ta, 3) for (a, ta), (_, tb) in zip(marks, marks[1:]) if a in names}
+
+
+def plain_magcache(pipe, job, calibrations):
+    """diffusers' own MagCache hooks for the plain pipeline, with the tier's settings and calibration
+    (one list for both CFG branches: its config takes one)."""
+    from diffusers import MagCacheConfig
+
+    spec = job.spec.step_cache
+    config = pipe.transformer.config
+    calibration = next(c for c in calibrations
+                       if (c.num_layers, c.num_attention_heads) == (config.num_layers, config.num_attention_heads))
+    return MagCacheConfig(threshold=spec.threshold, max_skip_steps=spec.max_skip_steps, retention_ratio=spec.retention,
+                          num_inference_steps=job.steps, mag_ratios=list(calibration.cond))
+
+
 def measure(report: Report, job, variant: str, fn, vae, runs: int, floor: float, **extra) -> tuple[dict, dict]:
     reset_peak()
     cap = Capture(vae)
@@ -225,6 +273,12 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         report.say(f"Wan folder built in {time.perf_counter() - t0:.0f}s")
     jobs = [make_job(catalog, t) for t in JOB_TYPES]
     once = [make_job(catalog, t) for t in ONCE]
+    cached = make_job(catalog, CACHED)
+    if tiny:   # the tiny catalog's 2 steps reuse none; at 4 the plan is CssC
+        import dataclasses
+
+        cached = dataclasses.replace(cached, steps=4)
+    calibrations = catalog.models[MODEL_KEY].magcache
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     # Plain diffusers, as its Wan example: VAE in fp32, the rest bf16.
@@ -242,6 +296,12 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         flops[job.job_type] = count_flops(pipe, job, device)
         measure_once(report, job, "plain diffusers bf16, VAE fp32", lambda j: plain_call(pipe, j, device),
                      floor_s(flops[job.job_type], job))
+    flops[CACHED] = flops["video_fast"]   # the floor of the uncached job: what the tier saves shows as >100%
+    pipe.transformer.enable_cache(plain_magcache(pipe, cached, calibrations))
+    row, plain[CACHED] = measure(report, cached, "plain diffusers + MagCacheConfig", lambda: plain_call(pipe, cached, device),
+                                 pipe.vae, runs, floor_s(flops[CACHED], cached))
+    add_errors(row, plain[CACHED], plain["video_fast"], "uncached")
+    pipe.transformer.disable_cache()
     report.meta["wan_flops"] = {k: {n: round(v / 1e12, 2) for n, v in f.items()} for k, f in flops.items()}
     probe = StepProbe(jobs[0], device, pipe.transformer.config.text_dim)
     probe.run("eager", pipe.transformer, pipe.transformer.dtype)
@@ -251,7 +311,8 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
     torch.cuda.empty_cache() if device == "cuda" else None
 
     t0 = time.perf_counter()
-    family = WanFamily.load(LoadOptions(model_path=folder, config_path=None, device=device, cache_dir=None))
+    family = WanFamily.load(LoadOptions(model_path=folder, config_path=None, device=device, cache_dir=None),
+                            magcache=calibrations)
     report.meta["wan_project_load_s"] = round(time.perf_counter() - t0, 2)
     eager_out = {}
     for job in jobs if eager or device != "cuda" else ():
@@ -259,6 +320,7 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
                                                family.pipe.vae, runs, floor_s(flops[job.job_type], job))
         add_errors(row, eager_out[job.job_type], plain[job.job_type])
     if device != "cuda":
+        measure_cached(report, family, cached, storage, runs, flops, plain, "project eager")
         report.meta["wan_step_numerics"] = probe.errors()
         return
     settings = Settings.from_env({"DATA_DIR": str(work / "data")})
@@ -273,6 +335,9 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
                            family.pipe.vae, runs, floor_s(flops[job.job_type], job))
         add_errors(row, out, plain[job.job_type])
         add_errors(row, out, eager_out.get(job.job_type), "eager")
+    report.meta["wan_phases"] = {"video_fast": wan_phases(family, jobs[0], storage)}
+    report.say("Wan video_fast phases", report.meta["wan_phases"])
+    measure_cached(report, family, cached, storage, runs, flops, plain, "project default: compile=blocks")
     for job in once:
         measure_once(report, job, "project default: compile=blocks", lambda j: project_call(family, j, storage),
                      floor_s(flops[job.job_type], job))
@@ -281,3 +346,19 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
     report.row("wan one step at video_fast's shape", "numerics: compiled / eager bf16 vs fp32", None,
                **report.meta["wan_step_numerics"])
     del family
+
+
+def measure_cached(report: Report, family, job, storage, runs: int, flops: dict, plain: dict, variant: str) -> None:
+    """The caching tier: its time, the steps it ran, and its drift from the uncached job (plain
+    diffusers' video_fast, same seed); err_vs_plain is against diffusers' own MagCache."""
+    row, out = measure(report, job, variant + " + step cache", lambda: project_call(family, job, storage),
+                       family.pipe.vae, runs, floor_s(flops[job.job_type], job))
+    add_errors(row, out, plain[job.job_type])
+    add_errors(row, out, plain["video_fast"], "uncached")
+    base = report.baseline_of("video_fast")
+    if base and row.get("s_median"):
+        row["ratio_vs_plain_uncached"] = round(base["s_median"] / row["s_median"], 2)
+    row["plan"] = family._step_plan(job).describe()
+    row["blocks_run_reused"] = family.step_cache_stats
+    if family.pipe.transformer.device.type == "cuda":
+        row["phases"] = wan_phases(family, job, storage)

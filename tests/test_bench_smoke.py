@@ -37,6 +37,10 @@ def test_bench_parts_run_on_tiny_models(tmp_path):
     # Wan: the eager project path is plain diffusers bit for bit (CPU, fp32).
     assert row("video_fast", "project eager")["err_vs_plain"] == 0.0
     assert row("video_high", "plain diffusers")["runs"] == 1
+    # The caching tier reuses 2 of 4 steps, exactly as diffusers' own MagCache hooks do (pixels equal).
+    cached = row("video_fast_cached", "project eager + step cache")
+    assert cached["plan"] == "CssC" and cached["blocks_run_reused"] == {"cond": [2, 2], "uncond": [2, 2]}
+    assert cached["err_vs_plain"] == 0.0 and "err_vs_uncached" in cached
     for family in ("sdxl", "wan"):   # forked from the server that had imported the stack already
         assert row(f"{family} time to ready (preloaded fork)", "forked")["preimported"] is True
     together = row("both workers on one card", "concurrent")

@@ -22,19 +22,11 @@ from workers.runner import Runner
 CPU_SAFE = dict(channels_last=False, fuse_qkv=False, cuda_graphs=False, cudnn_benchmark=False)
 
 
-def test_split_defers_compile_and_later_warm_ups():
+def test_split_defers_the_whole_block_when_idle_and_nothing_at_load():
     accel = Acceleration(compile="blocks", warmup=((1, 1024, 1024), (6, 1024, 1024)), compile_at="idle")
-    now, later = accel.split()
-    assert now.compile == "none" and now.cuda_graphs and now.warmup == ((1, 1024, 1024),)
-    assert now.fuse_qkv and now.channels_last                        # applied once, before ready
-    assert later == accel                                            # the whole block, once idle
-
-
-def test_split_keeps_everything_at_load_when_asked_or_nothing_to_defer():
+    assert accel.split() == (None, accel)        # ready on the loaded weights; everything once idle
     at_load = Acceleration(compile="blocks", warmup=((1, 512, 512), (2, 512, 512)), compile_at="load")
     assert at_load.split() == (at_load, None)
-    graphs_only = Acceleration(compile="none", warmup=((1, 512, 512),), compile_at="idle")
-    assert graphs_only.split() == (graphs_only, None)
 
 
 def test_catalog_defers_by_default(tmp_path):

@@ -57,9 +57,9 @@ class OptimizeSpec(_Strict):
     channels_last: bool = True
     fuse_qkv: bool = True
     compile: Literal["none", "blocks", "unet"] = "blocks"
-    # load: compile and every warm-up before the worker reports ready. idle: ready after the first
-    # warm-up without compile (SDXL: the eager UNet's CUDA graph; Wan: eager), the rest the first time
-    # the queue is empty (or after ACCELERATE_AFTER_BUSY_SECONDS without): restarts serve sooner.
+    # load: compile and every warm-up before the worker reports ready. idle: ready once the weights
+    # are loaded (serving the plain pipeline), all of the block the first time the queue is empty (or
+    # after ACCELERATE_AFTER_BUSY_SECONDS without): restarts serve sooner.
     compile_at: Literal["load", "idle"] = "idle"
     compile_vae: bool = True     # with compile: the VAE decoder too, one static graph per warmed size
     cuda_graphs: bool = True

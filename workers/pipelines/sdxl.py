@@ -106,7 +106,8 @@ class SDXLFamily:
         family.job_loras.library = loras
         if device.type == "cuda" and accel is not None and not accel.is_off:
             now, family.deferred = accel.split()
-            family.accelerate(now)
+            if now is not None:
+                family.accelerate(now)
         return family
 
     @staticmethod
@@ -156,7 +157,7 @@ class SDXLFamily:
 
     def accelerate_deferred(self) -> dict | None:
         """The deferred part of the optimize block (compile, every warm-up shape), when the worker is
-        idle. The ready-time CUDA graphs are dropped first and captured again on the compiled UNet."""
+        idle. Any earlier CUDA graphs are dropped first and captured again on the compiled UNet."""
         if self.deferred is None:
             return None
         accel, self.deferred = self.deferred, None
@@ -216,7 +217,7 @@ class SDXLFamily:
         """Reject a job before any GPU work. For img2img also download/decode the init image and keep
         it for the following generate() of the same job (so a bad image fails here, not mid-batch)."""
         self._validate(job)
-        if job.loras and self.accel_report.get("applied", "none") != "none":
+        if job.loras and (self.accel_report.get("applied", "none") != "none" or self.deferred is not None):
             # Fused projections and captured CUDA graphs would ignore (or refuse) an adapter.
             raise ValueError(f"{job.job_type} cannot take LoRAs on this worker: SDXL runs accelerated "
                              "(fused layers, CUDA graphs); OPTIMIZE=0 serves SDXL LoRAs")
