@@ -1,0 +1,102 @@
+"""How fast the Wan 2.1 VAE decodes video_fast's latents (21×60×104 → 81 frames of 480×832) in each
+setup, and how far each is from the fp32 eager decode (GPU only; prints ROW lines, writes JSON).
+
+    python3 -m bench.wan_vae_probe --json OUT.json [--limit 240]
+
+The decode is about 3 s of a 19.4 s video_fast job (bench/results/2026-12-02-h200-wan-cached-tier.json).
+Variants: fp32 eager (diffusers' advice, the project's default), with cuDNN autotuning, with the
+decoder compiled, and bf16 (changes numerics: only a quality tier could use it). Real-size VAE
+config, random weights, seeded latents.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from bench.common import rel_err
+
+VARIANTS = (   # name, dtype, cudnn.benchmark, compile the decoder
+    ("fp32 eager", torch.float32, False, False),
+    ("fp32 eager, cudnn.benchmark", torch.float32, True, False),
+    ("bf16 eager, cudnn.benchmark", torch.bfloat16, True, False),
+    ("fp32 compiled decoder, cudnn.benchmark", torch.float32, True, True),   # compiling took > 40 s on an H200
+    ("bf16 compiled decoder, cudnn.benchmark", torch.bfloat16, True, True),
+)
+
+
+def decode_seconds(vae, latents, reps: int = 2) -> tuple[float, float, torch.Tensor]:
+    """(first call, median of `reps` later calls, frames of the last)."""
+    times = []
+    out = None
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    later = sorted(times[1:])
+    return times[0], later[len(later) // 2], out.float()
+
+
+def main(argv=None) -> int:
+    from diffusers import AutoencoderKLWan
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--limit", type=float, default=240, help="seconds; later variants are skipped past it")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a GPU", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    vae32 = AutoencoderKLWan().to("cuda").eval()
+    latents = torch.randn(1, 16, 21, 60, 104, generator=torch.Generator().manual_seed(1)).cuda()
+    rows, reference = [], None
+    for name, dtype, benchmark, compiled in VARIANTS:
+        if time.perf_counter() - started > args.limit:
+            rows.append({"variant": name, "skipped": "time limit"})
+            continue
+        torch._dynamo.reset()
+        vae = vae32 if dtype == torch.float32 else AutoencoderKLWan().to("cuda", dtype).eval()
+        if dtype != torch.float32:
+            vae.load_state_dict(vae32.state_dict())
+        torch.backends.cudnn.benchmark = benchmark
+        if compiled:
+            vae.decoder.compile(dynamic=False)
+        try:
+            first, median, frames = decode_seconds(vae, latents)
+        except Exception as exc:  # noqa: BLE001 — a probe reports what failed and goes on
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
+            print("ROW", json.dumps(rows[-1]), flush=True)
+            continue
+        finally:
+            vae.decoder._compiled_call_impl = None
+        if reference is None:
+            reference = frames.cpu()
+        rows.append({"variant": name, "first_s": round(first, 3), "s_median": round(median, 3),
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                     "rel_err_vs_fp32_eager": rel_err(frames.cpu(), reference)})
+        print("ROW", json.dumps(rows[-1]), flush=True)
+        write(args.json, latents, rows)   # after each variant: a run cut short keeps what it measured
+        del frames
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    write(args.json, latents, rows)
+    return 0
+
+
+def write(path: str, latents, rows: list[dict]) -> None:
+    result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "latents": list(latents.shape),
+              "rows": rows}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
