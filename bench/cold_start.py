@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = args.t0 if args.t0 is not None else time.time()
     marks = {"preimported": "torch" in sys.modules}   # forked from the preloaded server (workers/preload.py)
+    from workers.worker_process import use_expandable_segments
+
+    use_expandable_segments()   # as workers/worker_process.py does
 
     import torch
     from pathlib import Path

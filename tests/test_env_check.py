@@ -137,3 +137,15 @@ def test_format_and_cli(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "redis-server" in result.stdout
+
+
+def test_workers_ask_for_expandable_segments_unless_the_operator_chose():
+    from workers.worker_process import use_expandable_segments
+
+    env: dict = {}
+    use_expandable_segments(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        chosen = {key: "max_split_size_mb:512"}
+        use_expandable_segments(chosen)
+        assert chosen == {key: "max_split_size_mb:512"}
