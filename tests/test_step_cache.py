@@ -145,3 +145,36 @@ def test_a_checkpoint_without_a_matching_calibration_fails_the_job_before_genera
                                                r"none for this checkpoint \(2 layers, 2 heads\)"):
         uncalibrated.check(job(catalog))
     uncalibrated.check(job(catalog, "video_fast"))   # the other types still run
+
+
+def test_compiled_blocks_stay_compiled_in_a_cached_job(tiny_wan, catalog):
+    """The reason for CachedBlocks: diffusers' MagCacheConfig hooks wrap each block in
+    torch.compiler.disable (the same fullgraph compile then raises "call torch._dynamo.disable()
+    wrapped function"); here a computed step runs the blocks' compiled code."""
+    options = LoadOptions(model_path=tiny_wan.t2v, config_path=None, device="cpu", cache_dir=None)
+    compiled = WanFamily.load(options, kind="wan", magcache=catalog.models["wan_2_1_1_3b"].magcache)
+    compiles, graph_calls = [], []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            graph_calls.append(1)
+            return graph_module(*args)
+        return run
+
+    from workers.pipelines.wan_accel import warm_up
+
+    torch._dynamo.reset()
+    for block in compiled.pipe.transformer.blocks:
+        block.compile(backend=counting_backend, fullgraph=True, dynamic=False)
+    try:
+        the_job = job(catalog)
+        warm_up(compiled.pipe, [(1, the_job.frames, the_job.width, the_job.height)])   # compiles, as at idle
+        graph_calls.clear()
+        frames(compiled, the_job)   # in a job nothing compiles (no_compile_in_jobs)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.step_cache_stats == {"cond": [2, 2], "uncond": [2, 2]}
+    # 2 blocks × 2 computed steps × 2 branches, every one through the compiled graph
+    assert compiles and len(graph_calls) == 8

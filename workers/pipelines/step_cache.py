@@ -15,7 +15,8 @@ The decision depends only on the calibration and the step count, not on the acti
 plan (and its speed) is known before it runs and is the same on random test weights.
 
 Why not diffusers' own MagCacheConfig hooks: they wrap each block's forward in
-`torch.compiler.disable`, which would run the regionally compiled blocks eagerly. Here the block
+`torch.compiler.disable`, so the regionally compiled blocks (fullgraph) stop compiling ("call
+torch._dynamo.disable() wrapped function", torch 2.6) or, without fullgraph, run eagerly. Here the block
 list itself decides: on a reused step the pipeline's `for block in self.blocks` loop sees one step
 that adds the cached residual instead of the 30 compiled blocks. The CFG branch and step index come
 from diffusers' `cache_context("cond" | "uncond", step_index=...)`, which every Wan pipeline opens
