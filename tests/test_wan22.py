@@ -9,7 +9,7 @@ from tests.test_wan_pipeline import make_job, png_uri, run
 from tools.small_catalog import small_catalog
 from tools.tiny_wan import build_tiny_wan
 from workers.media import ImageLimits
-from workers.pipelines.base import LoadOptions
+from workers.pipelines.base import LoadOptions, ModelUnavailable
 from workers.pipelines.wan import WanFamily
 
 
@@ -38,6 +38,15 @@ def test_a14b_runs_both_experts(tmp_path, catalog):
     assert high_noise[0] > 0 and low_noise[0] > 0     # the first steps on one expert, the last on the other
     images, _ = run(family, make_job(catalog, "image_fast", numImages=2))
     assert [im.size for im in images] == [(64, 64)] * 2
+
+
+def test_a14b_has_no_step_cache_calibration(tmp_path, catalog):
+    """The tiny A14B's experts have the tiny calibration's dimensions; two experts still refuse the tier."""
+    options = LoadOptions(model_path=build_tiny_wan(tmp_path / "a14b", "a14b"), config_path=None, device="cpu",
+                          cache_dir=None)
+    family = WanFamily.load(options, kind="wan", magcache=catalog.models["wan_2_1_1_3b"].magcache)
+    with pytest.raises(ModelUnavailable, match=r"none for this checkpoint \(2 layers, 2 heads, two transformers\)"):
+        family.check(make_job(catalog, "video_fast_cached"))
 
 
 def test_ti2v_5b_serves_text_and_image_to_video(tmp_path, catalog):

@@ -144,9 +144,10 @@ class WanFamily:
             return None
         if self.magcache is None:
             config = self.pipe.transformer.config
+            experts = ", two transformers" if getattr(self.pipe, "transformer_2", None) is not None else ""
             raise ModelUnavailable(f"{job.job_type} caches steps with a MagCache calibration, and job_types.yaml "
                                    f"has none for this checkpoint ({config.num_layers} layers, "
-                                   f"{config.num_attention_heads} heads{', two transformers' if getattr(self.pipe, 'transformer_2', None) is not None else ''})")
+                                   f"{config.num_attention_heads} heads{experts})")
         return step_cache.StepPlan.magcache(self.magcache, job.spec.step_cache, job.steps)
 
     def _place(self) -> None:
