@@ -136,11 +136,11 @@ def install_demo_models(models_dir: Path) -> None:
     catalog = load_catalog()
     model = catalog.models["lustify_sdxl"]
     target = Path(models_dir) / model.path
-    if not (Path(models_dir) / DEMO_JOB_TYPES).exists():
-        # 17-frame clips: a CPU renders the tiny Wan's videos in seconds too.
-        written = write_small_job_types(Path(models_dir) / ".catalog", width=256, height=256, steps=None, frames=17)
-        written.rename(Path(models_dir) / DEMO_JOB_TYPES)
-        written.parent.rmdir()
+    # Written at every start (derived from job_types.yaml, so new job types reach an old demo folder);
+    # 17-frame clips: a CPU renders the tiny Wan's videos in seconds too.
+    written = write_small_job_types(Path(models_dir) / ".catalog", width=256, height=256, steps=None, frames=17)
+    written.rename(Path(models_dir) / DEMO_JOB_TYPES)
+    written.parent.rmdir()
     _install_tiny_wan(Path(models_dir), catalog)
     _install_tiny_image_models(Path(models_dir), catalog)
     if target.exists():

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        # A scenario's redis-server would reload the earlier run's data and count its jobs again.
+        parser.error(f"--keep {args.keep} is not empty: give a new folder")
     from tools.tiny_models import build_tiny_sdxl
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="reliability-"))
