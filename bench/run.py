@@ -41,7 +41,7 @@ from bench.common import Report  # noqa: E402
 from bench.saturated import run_saturated  # noqa: E402
 
 ESTIMATES = {"build": 30, "plain": 60, "refs": 30, "stages": 60, "project": 150, "wan": 400, "cold": 90,
-             "alt": 150, "coldalt": 90, "resident": 120, "preloaded": 170, "saturated": 100, "together": 150, "images": 300, "queue": 10}
+             "alt": 150, "coldalt": 90, "resident": 120, "preloaded": 100, "saturated": 100, "together": 150, "images": 300, "queue": 10}
 GPU_PARTS = ("build", "plain", "refs", "stages", "project", "wan", "cold", "alt", "coldalt", "resident", "preloaded", "saturated", "images", "together")
 
 
