@@ -102,15 +102,20 @@ def plain_call(pipe, job, device: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def project_call(family, job, storage) -> torch.Tensor:
+def store(job, out, storage) -> None:
+    """MP4 + thumbnail, or PNGs, uploaded to local storage as the worker does."""
     from bench.sdxl_bench import _runner_stub
     from workers.runner import Runner
 
-    family.check(job)
-    out = family.generate(job, lambda done, total: None)
     stub = _runner_stub(storage)
     stub._store_video = lambda j, clip: Runner._store_video(stub, j, clip)
-    Runner._store(stub, job, out)   # MP4 + thumbnail, or PNGs, uploaded as the worker does
+    Runner._store(stub, job, out)
+
+
+def project_call(family, job, storage) -> torch.Tensor:
+    family.check(job)
+    out = family.generate(job, lambda done, total: None)
+    store(job, out, storage)
     if job.spec.content == "image":
         return torch.from_numpy(np.stack([np.asarray(im) for im in out]))[:, None]
     return torch.from_numpy(np.stack(out.frames))[None]
@@ -154,17 +159,12 @@ class PhaseClock:
 
 def wan_phases(family, job, storage) -> dict:
     """Seconds of one job by phase: text encoding, denoising, VAE decode + uint8 frames, MP4 + upload."""
-    from bench.sdxl_bench import _runner_stub
-    from workers.runner import Runner
-
     clock = PhaseClock()
     family.check(job)
     clock.phase("start")
     out = family.generate(job, clock)
     clock.phase("store")
-    stub = _runner_stub(storage)
-    stub._store_video = lambda j, clip: Runner._store_video(stub, j, clip)
-    Runner._store(stub, job, out)
+    store(job, out, storage)
     clock.phase("end")
     names = {"start": "check", "encoding prompt": "text", "generating": "denoise", "decoding": "vae_decode_uint8",
              "store": "mp4_thumb_upload"}
@@ -177,10 +177,10 @@ def plain_magcache(pipe, job, calibrations):
     (one list for both CFG branches: its config takes one)."""
     from diffusers import MagCacheConfig
 
+    from workers.pipelines.step_cache import calibration_for
+
     spec = job.spec.step_cache
-    config = pipe.transformer.config
-    calibration = next(c for c in calibrations
-                       if (c.num_layers, c.num_attention_heads) == (config.num_layers, config.num_attention_heads))
+    calibration = calibration_for(calibrations, pipe.transformer.config)
     return MagCacheConfig(threshold=spec.threshold, max_skip_steps=spec.max_skip_steps, retention_ratio=spec.retention,
                           num_inference_steps=job.steps, mag_ratios=list(calibration.cond))
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from bench.common import rel_err
+from workers.pipelines.accel import uncompile_blocks
 
 VARIANTS = (   # name, dtype, cudnn.benchmark, compile the decoder
     ("fp32 eager", torch.float32, False, False),
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
             print("ROW", json.dumps(rows[-1]), flush=True)
             continue
         finally:
-            vae.decoder._compiled_call_impl = None
+            uncompile_blocks(vae.decoder)
         if reference is None:
             reference = frames.cpu()
         rows.append({"variant": name, "first_s": round(first, 3), "s_median": round(median, 3),

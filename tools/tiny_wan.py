@@ -22,8 +22,11 @@ from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVide
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, T5TokenizerFast, UMT5Config,
                           UMT5EncoderModel)
 
+from tools.small_catalog import TINY_WAN_TRANSFORMER   # the shape a test MagCache calibration names
+
 TEXT_DIM = 32
-HEADS, HEAD_DIM = 2, 12
+HEADS, HEAD_DIM = TINY_WAN_TRANSFORMER["num_attention_heads"], 12
+LAYERS = TINY_WAN_TRANSFORMER["num_layers"]
 KINDS = ("t2v", "i2v", "vace", "a14b", "ti2v")
 
 
@@ -50,11 +53,11 @@ def _transformer(kind: str):
         return WanVACETransformer3DModel(in_channels=16, num_layers=3, vace_layers=[0, 2], vace_in_channels=96, **common)
     if kind == "i2v":
         # 16 noise + 4 mask + 16 first-frame latent channels; CLIP image tokens through added K/V.
-        return WanTransformer3DModel(in_channels=36, num_layers=2, image_dim=4, added_kv_proj_dim=HEADS * HEAD_DIM,
+        return WanTransformer3DModel(in_channels=36, num_layers=LAYERS, image_dim=4, added_kv_proj_dim=HEADS * HEAD_DIM,
                                      **common)
     if kind == "ti2v":
-        return WanTransformer3DModel(in_channels=48, num_layers=2, **{**common, "out_channels": 48})
-    return WanTransformer3DModel(in_channels=16, num_layers=2, **common)
+        return WanTransformer3DModel(in_channels=48, num_layers=LAYERS, **{**common, "out_channels": 48})
+    return WanTransformer3DModel(in_channels=16, num_layers=LAYERS, **common)
 
 
 def _vae(kind: str) -> AutoencoderKLWan:

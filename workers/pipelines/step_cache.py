@@ -32,17 +32,21 @@ from itertools import chain
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.mag_cache import nearest_interp
 
 PROBE_HOOK = "step_cache_context"
 
 
 def nearest(values: list[float] | tuple[float, ...], length: int) -> list[float]:
-    """`values` resampled to `length` entries by nearest index (MagCache's interpolation of its
-    ratios to another step count)."""
-    if length == 1:
-        return [values[-1]]
-    scale = (len(values) - 1) / (length - 1)
-    return [values[int(round(i * scale))] for i in range(length)]
+    """`values` resampled to `length` entries by nearest index: diffusers' MagCache resampling of a
+    calibration to another step count."""
+    return nearest_interp(torch.tensor(values, dtype=torch.float64), length).tolist()
+
+
+def calibration_for(calibrations, transformer_config):
+    """The calibration (config.MagCacheCalibration) measured on a transformer of this shape, or None."""
+    shape = (transformer_config.num_layers, transformer_config.num_attention_heads)
+    return next((c for c in calibrations if (c.num_layers, c.num_attention_heads) == shape), None)
 
 
 def magcache_skips(ratios: list[float] | tuple[float, ...], steps: int, threshold: float, max_skip_steps: int,

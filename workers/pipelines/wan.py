@@ -131,11 +131,9 @@ class WanFamily:
     def _install_step_cache(self, calibrations) -> None:
         """Find the MagCache calibration measured on this transformer; with one, the block list can
         run a job type's step_cache plan (step_cache.py). Two-expert Wan 2.2 has none."""
-        config = self.pipe.transformer.config
         if getattr(self.pipe, "transformer_2", None) is not None:
             return
-        self.magcache = next((c for c in calibrations if (c.num_layers, c.num_attention_heads) ==
-                              (config.num_layers, config.num_attention_heads)), None)
+        self.magcache = step_cache.calibration_for(calibrations, self.pipe.transformer.config)
         if self.magcache is not None:
             step_cache.install(self.pipe.transformer)
 
