@@ -242,6 +242,8 @@ def main(argv=None) -> int:
                     help="steps of the images part, in order (swaps: between the models built before it)")
     ap.add_argument("--alt-compile", default=None, choices=("none", "blocks", "unet"),
                     help="SDXL compile mode of the alt/coldalt parts (default: the one job_types.yaml does not use)")
+    ap.add_argument("--wan-quick", action="store_true",
+                    help="wan part: video_fast and video_fast_cached only, for a short device lease")
     ap.add_argument("--work-dir", default=None, help="models, storage and compile cache (default: a new temp dir)")
     args = ap.parse_args(argv)
 
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
         def wan(st):
             from bench.wan_bench import run_wan
 
-            run_wan(report, catalog, work, device, st["storage"], runs=args.runs, tiny=args.tiny)
+            run_wan(report, catalog, work, device, st["storage"], runs=args.runs, tiny=args.tiny, quick=args.wan_quick)
 
         def alt(st):
             accel = dataclasses.replace(project_accel, compile=other, warmup=((1, *size),))

@@ -10,6 +10,7 @@ Jobs: video_fast (the catalog's frames, steps, size) and image_fast at its defau
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from pathlib import Path
@@ -201,8 +202,6 @@ def measure(report: Report, job, variant: str, fn, vae, runs: int, floor: float,
 def measure_once(report: Report, job, variant: str, call, floor: float) -> dict:
     """A 2-step warm-up of the same shape (a first call's kernels, allocations and any compile), then
     one timed run of the whole job."""
-    import dataclasses
-
     call(dataclasses.replace(job, steps=2))
     reset_peak()
     times, _ = timed(lambda: call(job), runs=1, warm=0)
@@ -256,9 +255,10 @@ def add_errors(row: dict, out: dict, ref: dict | None, name: str = "plain") -> N
 
 
 def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int = 3, tiny: bool = False,
-            eager: bool = False) -> None:
+            eager: bool = False, quick: bool = False) -> None:
     """`eager`: also time the project's eager path (it matched plain diffusers bit for bit on
-    2026-12-01), before the compiled one."""
+    2026-12-01), before the compiled one. `quick`: video_fast and its caching tier only (no image
+    jobs, no video_high, no one-step numerics probe, only video_fast's shape warmed up)."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     from workers.config import Settings
@@ -271,12 +271,10 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         t0 = time.perf_counter()
         (build_tiny_wan if tiny else lambda f: build_real_wan(f, device))(folder)
         report.say(f"Wan folder built in {time.perf_counter() - t0:.0f}s")
-    jobs = [make_job(catalog, t) for t in JOB_TYPES]
-    once = [make_job(catalog, t) for t in ONCE]
+    jobs = [make_job(catalog, t) for t in JOB_TYPES[:1 if quick else None]]
+    once = [] if quick else [make_job(catalog, t) for t in ONCE]
     cached = make_job(catalog, CACHED)
     if tiny:   # the tiny catalog's 2 steps reuse none; at 4 the plan is CssC
-        import dataclasses
-
         cached = dataclasses.replace(cached, steps=4)
     calibrations = catalog.models[MODEL_KEY].magcache
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -303,9 +301,10 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
     add_errors(row, plain[CACHED], plain["video_fast"], "uncached")
     pipe.transformer.disable_cache()
     report.meta["wan_flops"] = {k: {n: round(v / 1e12, 2) for n, v in f.items()} for k, f in flops.items()}
-    probe = StepProbe(jobs[0], device, pipe.transformer.config.text_dim)
-    probe.run("eager", pipe.transformer, pipe.transformer.dtype)
-    if device == "cuda":
+    probe = None if quick else StepProbe(jobs[0], device, pipe.transformer.config.text_dim)
+    if probe is not None:
+        probe.run("eager", pipe.transformer, pipe.transformer.dtype)
+    if probe is not None and device == "cuda":
         probe.fp32(pipe.transformer)
     del pipe, vae
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -321,12 +320,15 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
         add_errors(row, eager_out[job.job_type], plain[job.job_type])
     if device != "cuda":
         measure_cached(report, family, cached, storage, runs, flops, plain, "project eager")
-        report.meta["wan_step_numerics"] = probe.errors()
+        if probe is not None:
+            report.meta["wan_step_numerics"] = probe.errors()
         return
     settings = Settings.from_env({"DATA_DIR": str(work / "data")})
     accel = wan_accel.WanAcceleration.for_model(catalog, MODEL_KEY, settings)
     if accel.is_off:
         accel = wan_accel.WanAcceleration(compile="blocks", warmup=accel.warmup, cache_dir=work / "data" / "compile-cache")
+    if quick:
+        accel = dataclasses.replace(accel, warmup=accel.warmup[:1])   # videos come first: video_fast's shape
     family.accel_report = wan_accel.accelerate(family.pipe, accel)
     report.meta["wan_accel"] = family.accel_report
     report.say("Wan acceleration", family.accel_report)
@@ -341,6 +343,8 @@ def run_wan(report: Report, catalog, work: Path, device: str, storage, runs: int
     for job in once:
         measure_once(report, job, "project default: compile=blocks", lambda j: project_call(family, j, storage),
                      floor_s(flops[job.job_type], job))
+    if probe is None:
+        return
     probe.run("compiled", family.pipe.transformer, family.pipe.transformer.dtype)
     report.meta["wan_step_numerics"] = probe.errors()
     report.row("wan one step at video_fast's shape", "numerics: compiled / eager bf16 vs fp32", None,

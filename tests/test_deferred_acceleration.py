@@ -69,28 +69,93 @@ def test_an_idle_runner_runs_the_deferred_part_once(tmp_path, redis_client, tiny
         loop.join(10)
 
 
-def test_a_worker_busy_for_long_compiles_between_jobs(tmp_path, redis_client, tiny_sdxl):
-    from workers.runner import ACCELERATE_AFTER_BUSY_SECONDS
-    from workers.submit import enqueue, new_payload
+def unet_calls(family, runner) -> tuple[list, object]:
+    """Who runs the UNet, call by call: the model key during its deferred warm-up, else the jobId."""
+    events: list = []
+    hook = family.txt2img.unet.register_forward_pre_hook(lambda *_: events.append(runner.compiling or runner.current_job))
+    return events, hook
 
-    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
-    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64),), **CPU_SAFE)
-    runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family}, claim_timeout=8.0)  # never idle here
-    runner.busy_since -= ACCELERATE_AFTER_BUSY_SECONDS + 1     # as if the queue had not been empty since
-    payload = new_payload(runner.catalog, "sdxl_image_fast", "a lighthouse", "5f1b9d2c-0000-4000-8000-00000000abcd",
-                          num_images=1)
-    enqueue(redis_client, runner.catalog, payload)
+
+def serve_until(runner, done, seconds: float = 60) -> None:
     loop = threading.Thread(target=runner.serve, daemon=True)
-    started = time.monotonic()
     loop.start()
     try:
-        while "before" not in family.accel_report and time.monotonic() - started < 6:
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "before" in family.accel_report, "a long-busy worker did not compile after its job"
-        assert JobRecords(redis_client).status(payload["jobId"]) == "completed"
     finally:
         runner.stop.graceful.set()
         loop.join(15)
+
+
+def submit(redis_client, runner, n: int = 1) -> list[str]:
+    from workers.submit import enqueue, new_payload
+
+    ids = []
+    for i in range(n):
+        payload = new_payload(runner.catalog, "sdxl_image_fast", "a lighthouse",
+                              f"5f1b9d2c-0000-4000-8000-00000000abc{i}", num_images=1)
+        enqueue(redis_client, runner.catalog, payload)
+        ids.append(payload["jobId"])
+    return ids
+
+
+def test_a_job_arriving_during_the_deferred_warm_up_goes_before_its_next_stage(tmp_path, redis_client, tiny_sdxl):
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64), (2, 64, 64), (1, 128, 128)), **CPU_SAFE)
+    runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family})
+    events, hook = unet_calls(family, runner)
+    arrived: list[str] = []
+
+    def job_comes_in(*_):   # during the first warm-up
+        if not arrived:
+            arrived.extend(submit(redis_client, runner))
+
+    second = family.txt2img.unet.register_forward_pre_hook(job_comes_in)
+    records = JobRecords(redis_client)
+    try:
+        serve_until(runner, lambda: family.deferred is None and arrived and records.status(arrived[0]) == "completed")
+    finally:
+        hook.remove()
+        second.remove()
+    order = [who for i, who in enumerate(events) if i == 0 or events[i - 1] != who]
+    assert order == ["lustify_sdxl", arrived[0], "lustify_sdxl"], order   # one stage, the job, the rest
+    assert list(family.accel_report["warmup"]) == ["1x64x64", "2x64x64", "1x128x128"]   # each shape once
+
+
+def test_a_worker_busy_for_long_runs_one_stage_between_two_jobs(tmp_path, redis_client, tiny_sdxl):
+    from workers.runner import ACCELERATE_AFTER_BUSY_SECONDS
+
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64), (2, 64, 64)), **CPU_SAFE)
+    runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family}, claim_timeout=8.0)  # never idle here
+    runner.busy_since -= ACCELERATE_AFTER_BUSY_SECONDS + 1     # as if the queue had not been empty since
+    jobs = submit(redis_client, runner, 2)
+    events, hook = unet_calls(family, runner)
+    records = JobRecords(redis_client)
+    try:
+        serve_until(runner, lambda: family.deferred is None and records.status(jobs[1]) == "completed", 20)
+    finally:
+        hook.remove()
+    order = [who for i, who in enumerate(events) if i == 0 or events[i - 1] != who]
+    assert order == [jobs[0], "lustify_sdxl", jobs[1], "lustify_sdxl"], order
+    assert "before" in family.accel_report and [records.status(j) for j in jobs] == ["completed"] * 2
+
+
+def test_a_paused_acceleration_goes_on_where_it_stopped(tiny_sdxl):
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    family.deferred = Acceleration(compile="none", warmup=((1, 64, 64), (2, 64, 64)), **CPU_SAFE)
+    shapes = []
+    hook = family.txt2img.unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        assert family.accelerate_deferred(pause=lambda: True) is None
+        first, shapes[:] = set(shapes), []
+        assert family.deferred is not None and family.accel_report == {"applied": "none"}
+        report = family.accelerate_deferred(pause=lambda: True)   # the last stage: nothing left to pause for
+    finally:
+        hook.remove()
+    assert report is not None and family.deferred is None and list(report["warmup"]) == ["1x64x64", "2x64x64"]
+    assert len(first) == 1 and shapes and not first & set(shapes)    # the first shape did not run again
 
 
 def test_a_model_not_on_the_device_is_never_loaded_for_it(tmp_path, redis_client, tiny_sdxl):

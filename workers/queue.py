@@ -107,6 +107,10 @@ class ReliableQueue:
         attempts = int(self.r.hincrby(job_key(job_id), "attempts", 1)) if job_id else 1
         return Claim(raw=raw, job_id=job_id, attempts=attempts)
 
+    def waiting(self) -> int:
+        """Jobs in the queue, not yet claimed."""
+        return int(self.r.llen(self.queue))
+
     def _claim_preferred(self, prefer: Collection[str], window: int, max_skips: int) -> bytes | None:
         if not self.scripting:
             return None

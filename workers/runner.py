@@ -129,8 +129,10 @@ class Runner:
                     self.busy_since = self.clock()
                 else:
                     self.handle(claim)
-                if claim is None or self.clock() - self.busy_since >= ACCELERATE_AFTER_BUSY_SECONDS:
+                if claim is None:
                     self.accelerate_deferred()
+                elif self.clock() - self.busy_since >= ACCELERATE_AFTER_BUSY_SECONDS:
+                    self.accelerate_deferred(one_stage=True)
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
@@ -139,23 +141,35 @@ class Runner:
         if self.finisher is not None:
             self.finisher.drain()     # the last job's outputs and callback, before the claims are returned
 
-    def accelerate_deferred(self) -> None:
+    def accelerate_deferred(self, one_stage: bool = False) -> None:
         """compile_at: idle (job_types.yaml) — each family's deferred compile and warm-ups, between
-        jobs. Cheap when nothing is deferred; a failure leaves that model serving as it was."""
+        jobs. It runs in stages (one warm-up shape each) and stops between two when a job arrived or
+        a stop was asked; `one_stage`: the worker has been busy for long, so one stage runs between
+        two jobs. Cheap when nothing is deferred; a failure leaves that model serving as it was."""
+        def pause() -> bool:
+            if one_stage or self.stop.graceful.is_set():
+                return True
+            try:
+                return self.queue.waiting() > 0
+            except redis.RedisError:   # the loop's next claim meets the same error and backs off
+                return True
+
         for key, family in self.families.items():
             if getattr(family, "deferred", None) is None:   # nothing deferred (or not on the device)
                 continue
             self.compiling = key          # the heartbeat says so: the worker is alive, not claiming
             try:
-                report = family.accelerate_deferred()
+                report = family.accelerate_deferred(pause)
             except Exception:   # an optional speed-up must not take the worker down
                 log.exception("deferred acceleration of %s failed; it keeps serving as it was", key)
                 continue
             finally:
                 self.compiling = None
-            if report is not None:
-                log.info("model %s accelerated while idle: %s in %.1fs", key, report.get("applied"),
-                         report.get("seconds", 0.0))
+            if report is None:
+                log.info("deferred acceleration of %s paused: a job goes first", key)
+                return
+            log.info("model %s accelerated while idle: %s in %.1fs", key, report.get("applied"),
+                     report.get("seconds", 0.0))
 
     def _preferred_job_types(self) -> list[str]:
         """Job types of the models on the GPU, when the worker swaps models (pipelines/residency.py)."""

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -76,6 +77,32 @@ class Acceleration:
         parts = [name for name in ("channels_last", "fuse_qkv", "cuda_graphs", "cudnn_benchmark") if getattr(self, name)]
         vae = ["compile_vae"] if self.compile != "none" and self.compile_vae else []
         return ", ".join(parts + [f"compile={self.compile}"] + vae)
+
+
+class DeferredAcceleration:
+    """Mixed into a family whose optimize block may wait for idle moments (compile_at: idle).
+    `deferred` is what still waits; the family's `_deferred_stages(deferred)` is a generator that
+    runs it and yields between its stages (after each warm-up shape), where a job that arrived in
+    the meantime goes first. A long compile then delays a waiting job by one stage, not all of it."""
+
+    deferred = None
+    _stages: Iterator[None] | None = None   # the started generator while it is paused
+
+    def _deferred_stages(self, accel) -> Iterator[None]:
+        raise NotImplementedError
+
+    def accelerate_deferred(self, pause: Callable[[], bool] = lambda: False) -> dict | None:
+        """Run, or go on with, the deferred acceleration. Returns its report once all of it ran;
+        None when nothing is deferred or when `pause()` said, between two stages, that a job waits."""
+        if self.deferred is None:
+            return None
+        if self._stages is None:
+            self._stages = self._deferred_stages(self.deferred)
+        for _ in self._stages:
+            if pause():
+                return None
+        self.deferred = self._stages = None
+        return self.accel_report
 
 
 def use_compile_cache(cache_dir: Path | None) -> None:

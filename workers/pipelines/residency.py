@@ -281,8 +281,8 @@ class ResidentFamily:
             return None
         return getattr(entry.family, "deferred", None)
 
-    def accelerate_deferred(self) -> dict | None:
-        return self.residency.entries[self.key].family.accelerate_deferred() if self.deferred is not None else None
+    def accelerate_deferred(self, pause=lambda: False) -> dict | None:
+        return self.residency.entries[self.key].family.accelerate_deferred(pause) if self.deferred is not None else None
 
 
 class ResidentFamilies(dict):

@@ -30,7 +30,7 @@ from PIL import Image
 
 from workers.media import ImageLimits, load_input_image
 from workers.pipelines import accel as acceleration
-from workers.pipelines.accel import Acceleration
+from workers.pipelines.accel import Acceleration, DeferredAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
 from workers.pipelines.common import check_batch, free_device_memory, to_pil
 from workers.pipelines.lora import JobLoras, LoraLibrary
@@ -53,7 +53,7 @@ def _cache_key(path: Path, config_path: Path | None, dtype: torch.dtype) -> str:
     return f"{stem}-{digest}"
 
 
-class SDXLFamily:
+class SDXLFamily(DeferredAcceleration):
     name = "sdxl"
     # The variables that point at the files (job_types.yaml: models.lustify_sdxl.env / config_env).
     MODEL_ENV = "SDXL_MODEL_PATH"
@@ -129,13 +129,22 @@ class SDXLFamily:
                             compile_vae=spec.compile_vae)
 
     def accelerate(self, accel: Acceleration) -> dict:
-        """Apply `accel` and run the warm-ups (compiles, CUDA-graph captures) now, not in a job. A
-        failure falls back to the plain pipeline: the worker still serves, only slower."""
+        """Apply `accel` and run every warm-up (compiles, CUDA-graph captures) now, not in a job."""
+        for _ in self._acceleration_stages(accel):
+            pass
+        return self.accel_report
+
+    def _acceleration_stages(self, accel: Acceleration):
+        """accelerate() as a generator that yields between warm-up shapes (a job may run there: the
+        shapes not yet warmed run eagerly). A failure falls back to the plain pipeline: the worker
+        still serves, only slower."""
         started = time.perf_counter()
         report = {"applied": accel.describe(), "warmup": {}}
         try:
             self.graphed = acceleration.apply(self.txt2img, accel)
-            for n, width, height in accel.warmup:
+            for i, (n, width, height) in enumerate(accel.warmup):
+                if i:
+                    yield
                 t0 = time.perf_counter()
                 with self.graphed.capture() if self.graphed else contextlib.nullcontext():
                     self.txt2img(prompt=["warm-up"] * n, negative_prompt=[""] * n, num_inference_steps=2,
@@ -146,27 +155,23 @@ class SDXLFamily:
             acceleration.remove(self.txt2img)
             self.graphed = None
             if accel.compile != "none":  # the usual suspect: try once more without torch.compile
-                report = self.accelerate(dataclasses.replace(accel, compile="none"))
-                report["error"] = f"compile={accel.compile}: {type(exc).__name__}: {exc}"[:300]
-                return report
+                yield from self._acceleration_stages(dataclasses.replace(accel, compile="none"))
+                self.accel_report["error"] = f"compile={accel.compile}: {type(exc).__name__}: {exc}"[:300]
+                return
             report["applied"], report["error"] = "fallback", f"{type(exc).__name__}: {exc}"[:300]
         report["seconds"] = round(time.perf_counter() - started, 2)
         log.info("acceleration %s ready in %.1fs (warm-ups: %s)", report["applied"], report["seconds"], report["warmup"])
         self.accel_report = report
-        return report
 
-    def accelerate_deferred(self) -> dict | None:
-        """The deferred part of the optimize block (compile, every warm-up shape), when the worker is
-        idle. Any earlier CUDA graphs are dropped first and captured again on the compiled UNet."""
-        if self.deferred is None:
-            return None
-        accel, self.deferred = self.deferred, None
+    def _deferred_stages(self, accel: Acceleration):
+        """The deferred part of the optimize block (compile, every warm-up shape), run by
+        accelerate_deferred() when the worker is idle. Any earlier CUDA graphs are dropped first and
+        captured again on the compiled UNet."""
         before = self.accel_report
         acceleration.remove(self.txt2img)
         self.graphed = None
-        report = self.accelerate(accel)
-        report["before"] = {k: before.get(k) for k in ("applied", "seconds")}
-        return report
+        yield from self._acceleration_stages(accel)
+        self.accel_report["before"] = {k: before.get(k) for k in ("applied", "seconds")}
 
     @staticmethod
     def _from_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 
 from workers.media import ImageLimits, VideoClip, load_labelled_image
 from workers.pipelines import step_cache, wan_accel
-from workers.pipelines.accel import no_compile_in_jobs
+from workers.pipelines.accel import DeferredAcceleration, no_compile_in_jobs
 from workers.pipelines.wan_accel import WanAcceleration
 from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable, StepCallback
 from workers.pipelines.common import check_batch, free_device_memory, shared_components
@@ -60,7 +60,7 @@ KINDS = {
 }
 
 
-class WanFamily:
+class WanFamily(DeferredAcceleration):
     name = "wan"
 
     def __init__(self, pipe, kind: str, device: torch.device, limits: ImageLimits, budget: int | None):
@@ -120,13 +120,11 @@ class WanFamily:
         log.info("Wan %s loaded from %s (%s, text encoder on %s)", spec.what, folder, dtype, family._text_encoder_device())
         return family
 
-    def accelerate_deferred(self) -> dict | None:
-        """Compile and warm up the transformer blocks now that the worker is idle (compile_at: idle)."""
-        if self.deferred is None:
-            return None
-        accel, self.deferred = self.deferred, None
-        self.accel_report = wan_accel.accelerate(self.pipe, accel)
-        return self.accel_report
+    def _deferred_stages(self, accel: WanAcceleration):
+        """Compile and warm up now that the worker is idle (compile_at: idle), via accelerate_deferred()."""
+        report: dict = {}
+        yield from wan_accel.accelerate_stages(self.pipe, accel, report)
+        self.accel_report = report
 
     def _install_step_cache(self, calibrations) -> None:
         """Find the MagCache calibration measured on this transformer; with one, the block list can
