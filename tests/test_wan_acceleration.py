@@ -60,7 +60,9 @@ def test_a_job_decodes_through_the_compiled_vae_blocks_with_the_same_frames(fami
     transformer, vae = CountingBackend(), CountingBackend()
     assert wan_accel.compile_transformer_blocks(family.pipe, transformer) == len(family.pipe.transformer.blocks)
     assert wan_accel.compile_vae_decoder(family.pipe, vae) == len(residual_blocks(family)) > 0
-    wan_accel.warm_up(family.pipe, [(1, video_job.frames, video_job.width, video_job.height)], decode_videos=True)
+    shape = (1, video_job.frames, video_job.width, video_job.height)
+    wan_accel.warm_up(family.pipe, [shape])
+    wan_accel.warm_up_decoder(family.pipe, shape)
     assert transformer.graphs and vae.graphs           # the warm-up compiled both, outside any job
     graphs, vae.calls = vae.graphs, 0
     compiled = frames(family, video_job)
@@ -88,7 +90,9 @@ def test_the_stages_pause_between_warm_up_shapes_and_go_on(family, video_job):
     report = family.accelerate_deferred(pause=lambda: False)
     assert family.deferred is None and report is family.accel_report
     assert report["applied"] == "compile=blocks, compile_vae"
-    assert list(report["warmup"]) == [f"{n}x{f}x{w}x{h}" for n, f, w, h in shapes]   # each shape once
+    # each shape once, then the decode of the video shape
+    video = "{}x{}x{}x{}".format(*shapes[0])
+    assert list(report["warmup"]) == ["{}x{}x{}x{}".format(*shape) for shape in shapes] + [f"vae {video}"]
     assert report["vae_blocks"] == len(residual_blocks(family)) and report["seconds"] >= 0
     assert family.accelerate_deferred() is None                          # nothing left
 

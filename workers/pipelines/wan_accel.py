@@ -9,9 +9,10 @@ VAE decoder's residual blocks, warmed up before any job needs them.
 30 blocks share one compiled graph. The first warm-up shape compiles static; the next different shape
 recompiles once with dynamic sizes, so every later frame count, size or batch reuses that graph:
 no compile inside a job. `compile: unet` means the same here (the transformer has no UNet).
-`compile_vae`: each WanResidualBlock of the VAE decoder, static shapes, warmed by decoding the video
-shapes: the RMS norms, SiLUs and cache copies fuse around the convolutions (video_fast's decode 2.79 →
-2.21 s, fp32, 1e-3 from eager, H200; the whole decoder compiled recompiled at every call: 47 s).
+`compile_vae`: each WanResidualBlock of the VAE decoder, static shapes, warmed by decoding each video
+shape (stages of their own, after the transformer's): the RMS norms, SiLUs and cache copies fuse
+around the convolutions (video_fast's decode 2.79 → 2.21 s, fp32, 1e-3 from eager, H200; the whole
+decoder compiled recompiled at every call: 47 s).
 channels_last, fused QKV and CUDA graphs are SDXL levers: a Wan step is one ~1 s GPU-bound
 call, launch overhead is noise there. Only called on CUDA. Importing this module touches no GPU.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -108,9 +110,13 @@ def remove(pipe) -> None:
         uncompile_blocks(module)
 
 
-def warm_up(pipe, shapes, steps: int = WARMUP_STEPS, decode_videos: bool = False) -> dict:
-    """Run each (batch, frames, width, height) for `steps` steps with CFG; latents out, or with
-    `decode_videos` a video shape decoded too (its VAE graphs compile)."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(pipe, shapes, steps: int = WARMUP_STEPS) -> dict:
+    """Run each (batch, frames, width, height) for `steps` steps with CFG, latents out (no decode)."""
     times = {}
     transformer = _transformers(pipe)[0]
     text_dim, dtype = transformer.config.text_dim, transformer.dtype
@@ -120,12 +126,25 @@ def warm_up(pipe, shapes, steps: int = WARMUP_STEPS, decode_videos: bool = False
         embeds = torch.randn(n, 512, text_dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         with torch.no_grad():
             pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=height, width=width, num_frames=frames,
-                 num_inference_steps=steps, guidance_scale=5.0,
-                 output_type="pt" if decode_videos and frames > 1 else "latent")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+                 num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
+        _synchronize(device)
         times[f"{n}x{frames}x{width}x{height}"] = round(time.perf_counter() - t0, 2)
     return times
+
+
+def warm_up_decoder(pipe, shape) -> dict:
+    """Decode random latents of one clip of a video shape, as a job's decode (same shapes and dtype):
+    compiles the VAE decoder's residual blocks for it."""
+    _, frames, width, height = shape
+    vae, spatial = pipe.vae, pipe.vae_scale_factor_spatial
+    device = next(vae.parameters()).device
+    t0 = time.perf_counter()
+    latents = torch.randn(1, vae.config.z_dim, (frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial,
+                          width // spatial, generator=torch.Generator().manual_seed(0)).to(device, vae.dtype)
+    with torch.no_grad():
+        vae.decode(latents, return_dict=False)
+    _synchronize(device)
+    return {f"vae 1x{frames}x{width}x{height}": round(time.perf_counter() - t0, 2)}
 
 
 def accelerate(pipe, accel: WanAcceleration) -> dict:
@@ -137,9 +156,10 @@ def accelerate(pipe, accel: WanAcceleration) -> dict:
 
 
 def accelerate_stages(pipe, accel: WanAcceleration, report: dict) -> Iterator[None]:
-    """accelerate() as a generator that fills `report` and yields between warm-up shapes, where a job
-    may run (a shape not warmed yet runs eagerly: no compile inside a job). A failure leaves the eager
-    transformer and VAE in place: the worker still serves, only slower."""
+    """accelerate() as a generator that fills `report` and yields between its stages (the transformer
+    at each warm-up shape, then the VAE decode of each video shape), where a job may run: a shape not
+    warmed yet runs eagerly, no compile inside a job. A failure leaves the eager transformer and VAE in
+    place: the worker still serves, only slower."""
     if accel.is_off:
         report["applied"] = "none"
         return
@@ -151,10 +171,13 @@ def accelerate_stages(pipe, accel: WanAcceleration, report: dict) -> Iterator[No
         report["blocks"] = compile_transformer_blocks(pipe, accel.backend)
         if accel.compile_vae:
             report["vae_blocks"] = compile_vae_decoder(pipe, accel.backend)
-        for i, shape in enumerate(accel.warmup):
+        stages = [partial(warm_up, pipe, [shape]) for shape in accel.warmup]
+        if accel.compile_vae:
+            stages += [partial(warm_up_decoder, pipe, shape) for shape in accel.warmup if shape[1] > 1]
+        for i, stage in enumerate(stages):
             if i:
                 yield
-            report["warmup"].update(warm_up(pipe, [shape], decode_videos=accel.compile_vae))
+            report["warmup"].update(stage())
     except Exception as exc:  # noqa: BLE001 — any compile failure: serve without it
         log.error("Wan acceleration failed, serving eager: %s: %s", type(exc).__name__, exc)
         remove(pipe)
