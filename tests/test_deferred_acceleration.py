@@ -218,3 +218,27 @@ def test_the_deferred_part_does_not_fuse_qkv_twice(tiny_sdxl):
     acceleration.apply(pipe, Acceleration(compile="none", **levers))      # the deferred part, later
     after = [m.to_qkv.weight for m in pipe.unet.modules() if hasattr(m, "to_qkv")]
     assert fused and len(after) == len(fused) and all(a is b for a, b in zip(after, fused))
+
+
+def test_a_stage_that_raises_is_dropped_not_retried():
+    from workers.pipelines.accel import DeferredAcceleration
+
+    class Family(DeferredAcceleration):
+        accel_report = {"applied": "none"}
+        runs: list = []
+
+        def _deferred_stages(self, accel):
+            self.runs.append("first")
+            yield
+            raise RuntimeError("compiler crashed")
+
+    family = Family()
+    family.deferred = "the optimize block"
+    assert family.accelerate_deferred(pause=lambda: True) is None and family.deferred is not None
+    try:
+        family.accelerate_deferred()
+    except RuntimeError as exc:
+        assert "compiler crashed" in str(exc)
+    else:
+        raise AssertionError("the stage's error was swallowed")
+    assert family.deferred is None and family.accelerate_deferred() is None and family.runs == ["first"]

@@ -98,9 +98,13 @@ class DeferredAcceleration:
             return None
         if self._stages is None:
             self._stages = self._deferred_stages(self.deferred)
-        for _ in self._stages:
-            if pause():
-                return None
+        try:
+            for _ in self._stages:
+                if pause():
+                    return None
+        except BaseException:
+            self.deferred = self._stages = None   # a broken stage is not tried again
+            raise
         self.deferred = self._stages = None
         return self.accel_report
 
