@@ -120,7 +120,8 @@ def test_a_job_arriving_during_the_deferred_warm_up_goes_before_its_next_stage(t
         second.remove()
     order = [who for i, who in enumerate(events) if i == 0 or events[i - 1] != who]
     assert order == ["lustify_sdxl", arrived[0], "lustify_sdxl"], order   # one stage, the job, the rest
-    assert list(family.accel_report["warmup"]) == ["1x64x64", "2x64x64", "1x128x128"]   # each shape once
+    assert list(family.accel_report["warmup"]) == ["1x64x64", "2x64x64", "1x128x128",   # each shape once,
+                                                   "vae 64x64", "vae 128x128"]       # then each size's decode
 
 
 def test_a_worker_busy_for_long_runs_one_stage_between_two_jobs(tmp_path, redis_client, tiny_sdxl):
@@ -130,16 +131,16 @@ def test_a_worker_busy_for_long_runs_one_stage_between_two_jobs(tmp_path, redis_
     family.deferred = Acceleration(compile="none", warmup=((1, 64, 64), (2, 64, 64)), **CPU_SAFE)
     runner = _runner(tmp_path, redis_client, {"lustify_sdxl": family}, claim_timeout=8.0)  # never idle here
     runner.busy_since -= ACCELERATE_AFTER_BUSY_SECONDS + 1     # as if the queue had not been empty since
-    jobs = submit(redis_client, runner, 2)
+    jobs = submit(redis_client, runner, 3)   # three stages: two UNet shapes, then the decode of their size
     events, hook = unet_calls(family, runner)
     records = JobRecords(redis_client)
     try:
-        serve_until(runner, lambda: family.deferred is None and records.status(jobs[1]) == "completed", 20)
+        serve_until(runner, lambda: family.deferred is None and records.status(jobs[2]) == "completed", 30)
     finally:
         hook.remove()
     order = [who for i, who in enumerate(events) if i == 0 or events[i - 1] != who]
-    assert order == [jobs[0], "lustify_sdxl", jobs[1], "lustify_sdxl"], order
-    assert "before" in family.accel_report and [records.status(j) for j in jobs] == ["completed"] * 2
+    assert order == [jobs[0], "lustify_sdxl", jobs[1], "lustify_sdxl", jobs[2]], order
+    assert "before" in family.accel_report and [records.status(j) for j in jobs] == ["completed"] * 3
 
 
 def test_a_paused_acceleration_goes_on_where_it_stopped(tiny_sdxl):
@@ -151,10 +152,12 @@ def test_a_paused_acceleration_goes_on_where_it_stopped(tiny_sdxl):
         assert family.accelerate_deferred(pause=lambda: True) is None
         first, shapes[:] = set(shapes), []
         assert family.deferred is not None and family.accel_report == {"applied": "none"}
-        report = family.accelerate_deferred(pause=lambda: True)   # the last stage: nothing left to pause for
+        assert family.accelerate_deferred(pause=lambda: True) is None   # the second shape
+        report = family.accelerate_deferred(pause=lambda: True)   # the decode, the last stage: no pause after it
     finally:
         hook.remove()
-    assert report is not None and family.deferred is None and list(report["warmup"]) == ["1x64x64", "2x64x64"]
+    assert report is not None and family.deferred is None
+    assert list(report["warmup"]) == ["1x64x64", "2x64x64", "vae 64x64"]
     assert len(first) == 1 and shapes and not first & set(shapes)    # the first shape did not run again
 
 
@@ -242,3 +245,24 @@ def test_a_stage_that_raises_is_dropped_not_retried():
     else:
         raise AssertionError("the stage's error was swallowed")
     assert family.deferred is None and family.accelerate_deferred() is None and family.runs == ["first"]
+
+
+def test_the_decode_stage_feeds_the_decoder_what_a_job_does(tiny_sdxl, tmp_path):
+    """The decoder is compiled with static shapes: its warm-up must see a job's shape and dtype, or
+    the job would run it eagerly."""
+    from workers.job import parse_job
+
+    family = SDXLFamily.load(LoadOptions(model_path=tiny_sdxl.folder, config_path=None, device="cpu", cache_dir=None))
+    seen = []
+    hook = family.txt2img.vae.decoder.register_forward_pre_hook(
+        lambda module, args: seen.append((tuple(args[0].shape), args[0].dtype)))
+    catalog = small_catalog(tmp_path)
+    job = parse_job({"jobId": "j", "userId": "u", "jobType": "sdxl_image_fast", "prompt": "a lighthouse",
+                     "metadata": {"num_images": 2}}, catalog)
+    try:
+        family.accelerate(Acceleration(compile="none", warmup=((2, job.width, job.height),), **CPU_SAFE))
+        warmed, seen[:] = set(seen), []
+        family.generate(job, lambda done, total: None)
+    finally:
+        hook.remove()
+    assert len(warmed) == 1 and set(seen) == warmed and len(seen) == 2    # sliced: one image at a time
