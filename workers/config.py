@@ -61,7 +61,7 @@ class OptimizeSpec(_Strict):
     # are loaded (serving the plain pipeline), all of the block the first time the queue is empty (or
     # after ACCELERATE_AFTER_BUSY_SECONDS without): restarts serve sooner.
     compile_at: Literal["load", "idle"] = "idle"
-    compile_vae: bool = True     # with compile: the VAE decoder too, one static graph per warmed size
+    compile_vae: bool = True     # with compile: the VAE decoder (Wan: its residual blocks) too, static per warmed size
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True
     # batch sizes warmed up (compiled, captured) at load, at each warm-up size; None: 1 and each job
