@@ -108,3 +108,39 @@ def test_a_failing_compile_leaves_the_eager_model(family, video_job):
     assert not any(getattr(m, "_compiled_call_impl", None) for m in family.pipe.transformer.modules())
     assert not any(getattr(m, "_compiled_call_impl", None) for m in family.pipe.vae.modules())
     assert np.array_equal(frames(family, video_job), eager)
+
+
+@pytest.mark.parametrize("kind, job_type, payload", [
+    ("i2v", "video_i2v_fast", {"referenceImage": "landscape"}),
+    ("vace", "video_r2v", {"referenceImages": ["landscape"]}),
+])
+def test_image_and_reference_to_video_compile_with_a_job_shaped_warm_up(tiny_wan, tmp_path, kind, job_type, payload):
+    """Their warm-up passes the conditioning a job does (a picture of the job size), so the job runs
+    the graphs it compiled, and nothing compiles inside the job."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (90, 50), (200, 40, 40)).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    payload = {k: (uri if v == "landscape" else [uri] * len(v)) for k, v in payload.items()}
+    catalog = small_catalog(tmp_path, steps=2)
+    job = parse_job({"jobId": f"job-{kind}", "userId": "u", "jobType": job_type, "prompt": "waves", "seed": 3,
+                     **payload}, catalog)
+    torch._dynamo.reset()
+    try:
+        family = WanFamily.load(LoadOptions(model_path=getattr(tiny_wan, kind), config_path=None, device="cpu",
+                                            cache_dir=None), kind=f"wan_{kind}")
+        eager = frames(family, job)
+        backend = CountingBackend()
+        report = wan_accel.accelerate(family.pipe, WanAcceleration(
+            warmup=((1, job.frames, job.width, job.height),), backend=backend), family.warm_up_inputs)
+        assert report["applied"] == "compile=blocks, compile_vae", report
+        graphs, backend.calls = backend.graphs, 0
+        compiled = frames(family, job)
+    finally:
+        torch._dynamo.reset()
+    assert backend.graphs == graphs and backend.calls > 0
+    assert np.abs(compiled - eager).max() <= 1

@@ -112,10 +112,9 @@ class WanFamily(DeferredAcceleration):
         family = cls(pipe, kind, device, limits or ImageLimits(), opts.vram_budget_bytes)
         family._place()
         family._install_step_cache(magcache)
-        # Text-to-video only: its warm-up needs no input image (the other kinds would compile in a job).
-        if device.type == "cuda" and kind == "wan" and accel is not None and not accel.is_off:
+        if device.type == "cuda" and accel is not None and not accel.is_off:
             now, family.deferred = accel.split()
-            family.accel_report = (wan_accel.accelerate(pipe, now) if now is not None else
+            family.accel_report = (wan_accel.accelerate(pipe, now, family.warm_up_inputs) if now is not None else
                                    {"applied": "none", "deferred": f"compile={accel.compile}"})
         log.info("Wan %s loaded from %s (%s, text encoder on %s)", spec.what, folder, dtype, family._text_encoder_device())
         return family
@@ -123,8 +122,14 @@ class WanFamily(DeferredAcceleration):
     def _deferred_stages(self, accel: WanAcceleration):
         """Compile and warm up now that the worker is idle (compile_at: idle), via accelerate_deferred()."""
         report: dict = {}
-        yield from wan_accel.accelerate_stages(self.pipe, accel, report)
+        yield from wan_accel.accelerate_stages(self.pipe, accel, report, self.warm_up_inputs)
         self.accel_report = report
+
+    def warm_up_inputs(self, width: int, height: int) -> dict:
+        """A warm-up's conditioning, shaped as a job's: image-to-video gets one picture of the job
+        size, VACE one reference image (mid-grey: the warm-up compiles, its output is thrown away)."""
+        picture = Image.new("RGB", (width, height), (128, 128, 128))
+        return {"wan_i2v": {"image": picture}, "wan_vace": {"reference_images": [picture]}}.get(self.kind, {})
 
     def _install_step_cache(self, calibrations) -> None:
         """Find the MagCache calibration measured on this transformer; with one, the block list can

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 2   # UniPC's second step takes the multistep branch: both code paths compiled
 VAE_BLOCK_CLASSES = ("WanResidualBlock",)
 # Graphs per compiled code object. Dynamo specializes the VAE's residual blocks on their causal-conv
-# cache index (`feat_idx[0]`, a Python int): one graph per block and chunk layout, about 40 at 81 frames.
-VAE_RECOMPILE_LIMIT = 128
+# cache index (`feat_idx[0]`, a Python int): one graph per block and chunk layout, 42 per video shape.
+VAE_RECOMPILE_LIMIT = 256
+Inputs = Callable[[int, int], dict]   # (width, height) → a warm-up's conditioning kwargs
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up(pipe, shapes, steps: int = WARMUP_STEPS) -> dict:
-    """Run each (batch, frames, width, height) for `steps` steps with CFG, latents out (no decode)."""
+def warm_up(pipe, shapes, steps: int = WARMUP_STEPS, inputs: Inputs | None = None) -> dict:
+    """Run each (batch, frames, width, height) for `steps` steps with CFG, latents out (no decode).
+    `inputs(width, height)`: the pipeline's conditioning (an image for image-to-video, reference
+    images for VACE), as the family passes it in a job."""
     times = {}
     transformer = _transformers(pipe)[0]
     text_dim, dtype = transformer.config.text_dim, transformer.dtype
@@ -126,7 +129,8 @@ def warm_up(pipe, shapes, steps: int = WARMUP_STEPS) -> dict:
         embeds = torch.randn(n, 512, text_dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         with torch.no_grad():
             pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=height, width=width, num_frames=frames,
-                 num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
+                 num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+                 **(inputs(width, height) if inputs else {}))
         _synchronize(device)
         times[f"{n}x{frames}x{width}x{height}"] = round(time.perf_counter() - t0, 2)
     return times
@@ -147,15 +151,15 @@ def warm_up_decoder(pipe, shape) -> dict:
     return {f"vae 1x{frames}x{width}x{height}": round(time.perf_counter() - t0, 2)}
 
 
-def accelerate(pipe, accel: WanAcceleration) -> dict:
+def accelerate(pipe, accel: WanAcceleration, inputs: Inputs | None = None) -> dict:
     """Compile and warm up now, before the worker reports ready."""
     report: dict = {}
-    for _ in accelerate_stages(pipe, accel, report):
+    for _ in accelerate_stages(pipe, accel, report, inputs):
         pass
     return report
 
 
-def accelerate_stages(pipe, accel: WanAcceleration, report: dict) -> Iterator[None]:
+def accelerate_stages(pipe, accel: WanAcceleration, report: dict, inputs: Inputs | None = None) -> Iterator[None]:
     """accelerate() as a generator that fills `report` and yields between its stages (the transformer
     at each warm-up shape, then the VAE decode of each video shape), where a job may run: a shape not
     warmed yet runs eagerly, no compile inside a job. A failure leaves the eager transformer and VAE in
@@ -171,7 +175,7 @@ def accelerate_stages(pipe, accel: WanAcceleration, report: dict) -> Iterator[No
         report["blocks"] = compile_transformer_blocks(pipe, accel.backend)
         if accel.compile_vae:
             report["vae_blocks"] = compile_vae_decoder(pipe, accel.backend)
-        stages = [partial(warm_up, pipe, [shape]) for shape in accel.warmup]
+        stages = [partial(warm_up, pipe, [shape], inputs=inputs) for shape in accel.warmup]
         if accel.compile_vae:
             stages += [partial(warm_up_decoder, pipe, shape) for shape in accel.warmup if shape[1] > 1]
         for i, stage in enumerate(stages):
