@@ -98,7 +98,8 @@ def run_cold(report: Report, state: dict, compile_mode: str | None = None) -> No
     in_process = report.meta.get("project_load", {}).get(variant, {})
     report.row("sdxl time to ready (warm compile cache)", f"fresh process, {variant}", [result["ready"]],
                first_job_done_s=result["first_job_done"], imports_s=result["imports"],
-               accelerated_s=result.get("accelerated"))
+               accelerated_s=result.get("accelerated"),
+               longest_stage_s=result.get("longest_stage_s"))
     if in_process:
         report.row("sdxl load + compile + warm-up (cold cache)", f"in process, {variant}", [in_process["load_and_warmup_s"]],
                    note="after imports; compile cache empty")
@@ -164,6 +165,7 @@ def run_preloaded(report: Report, state: dict) -> None:
         report.row(f"{family} time to ready (preloaded fork)",
                    "forked from the preloaded server" + (", compile=none + CUDA graphs" if extra else ", cache as left"),
                    [r["ready"]], first_job_done_s=r["first_job_done"], imports_s=r["imports"], accelerated_s=r.get("accelerated"),
+                   longest_stage_s=r.get("longest_stage_s"),
                    preimported=r["preimported"], peak_reserved_gib=round(r.get("peak_reserved_gib", 0.0), 2),
                    **{k: round(v, 2) for k, v in r.items() if k.endswith("_job_s")})
 
@@ -222,6 +224,7 @@ def run_resident(report: Report, state: dict) -> None:
             jobs = {k: round(v, 2) for k, v in r.items() if k.endswith("_job_s")}
             report.row(f"{family} time to ready ({cache} compile cache)", "fresh process, job_types.yaml optimize",
                        [r["ready"]], first_job_done_s=r["first_job_done"], imports_s=r["imports"], accelerated_s=r.get("accelerated"),
+                   longest_stage_s=r.get("longest_stage_s"),
                        peak_alloc_gib=round(r.get("peak_alloc_gib", 0.0), 2),
                        peak_reserved_gib=round(r.get("peak_reserved_gib", 0.0), 2), **jobs)
         if len(families) < 2:

@@ -49,3 +49,30 @@ def test_bench_parts_run_on_tiny_models(tmp_path):
     for images, count in ((1, 24), (6, 6)):
         saturated = row(f"saturated: sdxl_image_fast x{images}", f"{count} jobs")
         assert len(saturated["job_seconds"]) == count and saturated["window_s"] > 0
+
+
+def test_cold_start_times_each_deferred_stage():
+    """bench/cold_start runs the deferred compile one stage at a time and reports the longest: what a
+    job arriving during the compile waits at most."""
+    import time
+
+    from bench.cold_start import accelerate_when_idle
+    from workers.pipelines.accel import DeferredAcceleration
+
+    class Family(DeferredAcceleration):
+        accel_report = {"applied": "compile=blocks"}
+
+        def _deferred_stages(self, accel):
+            for seconds in accel:
+                time.sleep(seconds)
+                yield
+            # the last stage ends the generator
+
+    family, marks = Family(), {}
+    family.deferred = (0.0, 0.2, 0.0)
+    accelerate_when_idle(family, time.time(), marks)
+    assert len(marks["stages_s"]) == 4 and family.deferred is None   # three yields, then the end
+    assert marks["longest_stage_s"] == max(marks["stages_s"]) >= 0.2 and marks["accelerated"] >= 0.2
+    idle, marks = Family(), {}
+    accelerate_when_idle(idle, time.time(), marks)                    # nothing deferred: nothing timed
+    assert marks == {}
