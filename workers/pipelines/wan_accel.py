@@ -151,6 +151,23 @@ def warm_up_decoder(pipe, shape) -> dict:
     return {f"vae 1x{frames}x{width}x{height}": round(time.perf_counter() - t0, 2)}
 
 
+def _decoder_stage(pipe, shape, report: dict) -> dict:
+    """warm_up_decoder, as an add-on: when it fails (out of memory under a VRAM budget, a compile
+    error) only the VAE goes back to eager; the compiled transformer stays."""
+    if "vae_error" in report:
+        return {}
+    try:
+        return warm_up_decoder(pipe, shape)
+    except Exception as exc:  # noqa: BLE001 — logged and reported; the worker serves on
+        report["vae_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+    log.error("Wan VAE decoder compile failed, it decodes eagerly: %s", report["vae_error"])
+    uncompile_blocks(pipe.vae)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {}
+
+
 def accelerate(pipe, accel: WanAcceleration, inputs: Inputs | None = None) -> dict:
     """Compile and warm up now, before the worker reports ready."""
     report: dict = {}
@@ -177,7 +194,7 @@ def accelerate_stages(pipe, accel: WanAcceleration, report: dict, inputs: Inputs
             report["vae_blocks"] = compile_vae_decoder(pipe, accel.backend)
         stages = [partial(warm_up, pipe, [shape], inputs=inputs) for shape in accel.warmup]
         if accel.compile_vae:
-            stages += [partial(warm_up_decoder, pipe, shape) for shape in accel.warmup if shape[1] > 1]
+            stages += [partial(_decoder_stage, pipe, shape, report) for shape in accel.warmup if shape[1] > 1]
         for i, stage in enumerate(stages):
             if i:
                 yield
