@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 from PIL import Image
 
@@ -72,11 +73,16 @@ def test_new_image_job_types_through_redis(tmp_path, redis_server, redis_client,
         for label, (body, fragment) in bad.items():
             record = wait_for(redis_client, body["jobId"], timeout=60)
             assert record["status"] == "failed" and fragment in record["error"], (label, record)
-        beat = json.loads(redis_client.get(f"worker:{env['WORKER_ID']}"))
-        states = beat["models"]
+        # /health shows what is resident: the heartbeat's states. The last failed job's swap may land
+        # in the next heartbeat, so compare while two heartbeats in a row agree.
+        for _ in range(20):
+            states = json.loads(redis_client.get(f"worker:{env['WORKER_ID']}"))["models"]
+            _, report = health({"image": {"state": "running"}}, redis_client, load_catalog(env["JOB_TYPES_FILE"]))
+            if json.loads(redis_client.get(f"worker:{env['WORKER_ID']}"))["models"] == states:
+                break
+            time.sleep(0.5)
         assert set(states) == {"lustify_sdxl", "qwen_image_2512", "qwen_image_edit_2511", "z_image_turbo"}
-        _, report = health({"image": {"state": "running"}}, redis_client, load_catalog(env["JOB_TYPES_FILE"]))
-        assert report["workers"]["image"][0]["models"] == states     # /health shows what is resident
+        assert report["workers"]["image"][0]["models"] == states
         resident = [key for key, state in states.items() if state.startswith("resident")]
         assert 1 <= len(resident) < 4 and all(s.startswith(("resident", "warm")) for s in states.values()), states
     finally:
