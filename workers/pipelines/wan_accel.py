@@ -163,6 +163,7 @@ def _decoder_stage(pipe, shape, report: dict) -> dict:
     # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
     log.error("Wan VAE decoder compile failed, it decodes eagerly: %s", report["vae_error"])
     uncompile_blocks(pipe.vae)
+    report["applied"] = report["applied"].replace(", compile_vae", "")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {}
