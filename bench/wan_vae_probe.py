@@ -3,9 +3,10 @@ setup, and how far each is from the fp32 eager decode (GPU only; prints ROW line
 
     python3 -m bench.wan_vae_probe --json OUT.json [--limit 240]
 
-The decode is about 3 s of a 19.4 s video_fast job (bench/results/2026-12-02-h200-wan-cached-tier.json).
-Variants: fp32 eager (diffusers' advice, the project's default), with cuDNN autotuning, with the
-decoder compiled, and bf16 (changes numerics: only a quality tier could use it). Real-size VAE
+The decode is about 2.5 s of a 19.0 s video_fast job (bench/results/2026-12-02-h200-wan-vae-blocks.json).
+Variants: fp32 eager (diffusers' advice), the residual blocks compiled as the worker does (with and
+without cuDNN autotuning), only the RMS norms compiled (far fewer graphs: no cache-index
+specialization), and bf16 (changes numerics: only a quality tier could use it). Real-size VAE
 config, random weights, seeded latents.
 """
 from __future__ import annotations
@@ -20,14 +21,16 @@ import torch
 from bench.common import rel_err
 from workers.pipelines.accel import uncompile_blocks
 
-VARIANTS = (   # name, dtype, cudnn.benchmark, compile the decoder
-    ("fp32 eager", torch.float32, False, False),
-    ("fp32 eager, cudnn.benchmark", torch.float32, True, False),
-    ("bf16 eager, cudnn.benchmark", torch.bfloat16, True, False),
-    ("fp32 compiled residual blocks, cudnn.benchmark", torch.float32, True, "blocks"),
-    ("fp32 compiled decoder, cudnn.benchmark", torch.float32, True, "decoder"),   # compiling took > 40 s on an H200
-    ("bf16 compiled decoder, cudnn.benchmark", torch.bfloat16, True, "decoder"),
+VARIANTS = (   # name, dtype, cudnn.benchmark, the decoder's module classes compiled (static shapes)
+    ("fp32 eager", torch.float32, False, ()),
+    ("bf16 eager, cudnn.benchmark", torch.bfloat16, True, ()),
+    ("fp32 compiled residual blocks (the worker's)", torch.float32, False, ("WanResidualBlock",)),
+    ("fp32 compiled residual blocks, cudnn.benchmark", torch.float32, True, ("WanResidualBlock",)),
+    ("fp32 compiled RMS norms", torch.float32, False, ("WanRMS_norm",)),
+    ("bf16 compiled residual blocks, cudnn.benchmark", torch.bfloat16, True, ("WanResidualBlock",)),
 )
+# Measured once and left out (2026-12-02, H200): the whole decoder compiled recompiles at every call
+# (47.5 s a decode fp32, 51.6 s bf16); cudnn.benchmark alone changes nothing eager (2.786 vs 2.785 s).
 PROFILE_TOP = 15   # kernels listed in the fp32 eager profile
 
 
@@ -72,12 +75,9 @@ def main(argv=None) -> int:
         if dtype != torch.float32:
             vae.load_state_dict(vae32.state_dict())
         torch.backends.cudnn.benchmark = benchmark
-        if compiled == "decoder":
-            vae.decoder.compile(dynamic=False)
-        elif compiled == "blocks":
-            for block in vae.decoder.modules():
-                if type(block).__name__ == "WanResidualBlock":
-                    block.compile(dynamic=False)
+        for module in vae.decoder.modules():
+            if type(module).__name__ in compiled:
+                module.compile(dynamic=False)
         try:
             first, median, frames = decode_seconds(vae, latents)
         except Exception as exc:  # noqa: BLE001 — a probe reports what failed and goes on
