@@ -4,9 +4,13 @@ torch.compile gets counting backends here (Inductor is the GPU's), so each graph
 compiled code is seen."""
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tools.small_catalog import small_catalog
 from workers.job import parse_job
@@ -110,22 +114,21 @@ def test_a_failing_compile_leaves_the_eager_model(family, video_job):
     assert np.array_equal(frames(family, video_job), eager)
 
 
-@pytest.mark.parametrize("kind, job_type, payload", [
-    ("i2v", "video_i2v_fast", {"referenceImage": "landscape"}),
-    ("vace", "video_r2v", {"referenceImages": ["landscape"]}),
-])
-def test_image_and_reference_to_video_compile_with_a_job_shaped_warm_up(tiny_wan, tmp_path, kind, job_type, payload):
-    """Their warm-up passes the conditioning a job does (a picture of the job size), so the job runs
-    the graphs it compiled, and nothing compiles inside the job."""
-    import base64
-    import io
-
-    from PIL import Image
-
+def landscape_png_uri() -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (90, 50), (200, 40, 40)).save(buffer, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    payload = {k: (uri if v == "landscape" else [uri] * len(v)) for k, v in payload.items()}
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("kind, job_type, field", [
+    ("i2v", "video_i2v_fast", "referenceImage"),
+    ("vace", "video_r2v", "referenceImages"),
+])
+def test_image_and_reference_to_video_compile_with_a_job_shaped_warm_up(tiny_wan, tmp_path, kind, job_type, field):
+    """Their warm-up passes the conditioning a job does (a picture of the job size), so the job runs
+    the graphs it compiled, and nothing compiles inside the job."""
+    picture = landscape_png_uri()
+    payload = {field: [picture] if field == "referenceImages" else picture}
     catalog = small_catalog(tmp_path, steps=2)
     job = parse_job({"jobId": f"job-{kind}", "userId": "u", "jobType": job_type, "prompt": "waves", "seed": 3,
                      **payload}, catalog)
