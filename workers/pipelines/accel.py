@@ -22,6 +22,7 @@ Only called on CUDA: on the CPU nothing here runs. Importing this module touches
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import logging
@@ -79,7 +80,7 @@ class Acceleration:
         return ", ".join(parts + [f"compile={self.compile}"] + vae)
 
 
-class DeferredAcceleration:
+class DeferredAcceleration(abc.ABC):
     """Mixed into a family whose optimize block may wait for idle moments (compile_at: idle).
     `deferred` is what still waits; the family's `_deferred_stages(deferred)` is a generator that
     runs it and yields between its stages (after each warm-up shape), where a job that arrived in
@@ -88,8 +89,9 @@ class DeferredAcceleration:
     deferred = None
     _stages: Iterator[None] | None = None   # the started generator while it is paused
 
+    @abc.abstractmethod
     def _deferred_stages(self, accel) -> Iterator[None]:
-        raise NotImplementedError
+        """A generator running `accel`, yielding between its stages."""
 
     def accelerate_deferred(self, pause: Callable[[], bool] = lambda: False) -> dict | None:
         """Run, or go on with, the deferred acceleration. Returns its report once all of it ran;
@@ -107,6 +109,19 @@ class DeferredAcceleration:
             raise
         self.deferred = self._stages = None
         return self.accel_report
+
+
+def warm_up_decode(vae, latent_shape: tuple[int, ...]) -> float:
+    """Decode seeded random latents of `latent_shape` in the VAE's dtype, as a job's decode receives
+    them: compiles (and autotunes) the decoder for that shape. Returns the seconds it took."""
+    device = next(vae.parameters()).device
+    t0 = time.perf_counter()
+    latents = torch.randn(*latent_shape, generator=torch.Generator().manual_seed(0)).to(device, vae.dtype)
+    with torch.no_grad():
+        vae.decode(latents, return_dict=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round(time.perf_counter() - t0, 2)
 
 
 def use_compile_cache(cache_dir: Path | None) -> None:

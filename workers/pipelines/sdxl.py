@@ -154,7 +154,10 @@ class SDXLFamily(DeferredAcceleration):
             # 20 s of what was a 35 s first stage, H200), and the shortest stages keep waiting jobs short.
             for width, height in dict.fromkeys((w, h) for _, w, h in accel.warmup):
                 yield
-                report["warmup"][f"vae {width}x{height}"] = self._warm_up_decoder(width, height)
+                # sliced decode: one image at a time whatever the batch
+                factor = self.txt2img.vae_scale_factor
+                report["warmup"][f"vae {width}x{height}"] = acceleration.warm_up_decode(
+                    self.txt2img.vae, (1, self.txt2img.vae.config.latent_channels, height // factor, width // factor))
         except Exception as exc:  # noqa: BLE001 — any compile/capture failure: serve without it
             log.error("acceleration (%s) failed: %s: %s", accel.describe(), type(exc).__name__, exc)
             acceleration.remove(self.txt2img)
@@ -167,19 +170,6 @@ class SDXLFamily(DeferredAcceleration):
         report["seconds"] = round(time.perf_counter() - started, 2)
         log.info("acceleration %s ready in %.1fs (warm-ups: %s)", report["applied"], report["seconds"], report["warmup"])
         self.accel_report = report
-
-    def _warm_up_decoder(self, width: int, height: int) -> float:
-        """Decode random latents of one image of this size as a job's decode does (sliced: one image
-        at a time, the VAE's dtype): compiles and autotunes the decoder for it. Returns seconds."""
-        vae, factor = self.txt2img.vae, self.txt2img.vae_scale_factor
-        t0 = time.perf_counter()
-        latents = torch.randn(1, vae.config.latent_channels, height // factor, width // factor,
-                              generator=torch.Generator().manual_seed(0)).to(self.device, vae.dtype)
-        with torch.no_grad():
-            vae.decode(latents, return_dict=False)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return round(time.perf_counter() - t0, 2)
 
     def _deferred_stages(self, accel: Acceleration):
         """The deferred part of the optimize block (compile, every warm-up shape), run by

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from workers.pipelines.accel import _configure_dynamo, uncompile_blocks, use_compile_cache
+from workers.pipelines.accel import _configure_dynamo, uncompile_blocks, use_compile_cache, warm_up_decode
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,6 @@ def remove(pipe) -> None:
         uncompile_blocks(module)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def warm_up(pipe, shapes, steps: int = WARMUP_STEPS, inputs: Inputs | None = None) -> dict:
     """Run each (batch, frames, width, height) for `steps` steps with CFG, latents out (no decode).
     `inputs(width, height)`: the pipeline's conditioning (an image for image-to-video, reference
@@ -131,24 +126,20 @@ def warm_up(pipe, shapes, steps: int = WARMUP_STEPS, inputs: Inputs | None = Non
             pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=height, width=width, num_frames=frames,
                  num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
                  **(inputs(width, height) if inputs else {}))
-        _synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times[f"{n}x{frames}x{width}x{height}"] = round(time.perf_counter() - t0, 2)
     return times
 
 
 def warm_up_decoder(pipe, shape) -> dict:
-    """Decode random latents of one clip of a video shape, as a job's decode (same shapes and dtype):
-    compiles the VAE decoder's residual blocks for it."""
+    """Decode random latents of one clip of a video shape, as a job's decode: compiles the VAE
+    decoder's residual blocks for it."""
     _, frames, width, height = shape
-    vae, spatial = pipe.vae, pipe.vae_scale_factor_spatial
-    device = next(vae.parameters()).device
-    t0 = time.perf_counter()
-    latents = torch.randn(1, vae.config.z_dim, (frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial,
-                          width // spatial, generator=torch.Generator().manual_seed(0)).to(device, vae.dtype)
-    with torch.no_grad():
-        vae.decode(latents, return_dict=False)
-    _synchronize(device)
-    return {f"vae 1x{frames}x{width}x{height}": round(time.perf_counter() - t0, 2)}
+    spatial = pipe.vae_scale_factor_spatial
+    latent_shape = (1, pipe.vae.config.z_dim, (frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial,
+                    width // spatial)
+    return {f"vae 1x{frames}x{width}x{height}": warm_up_decode(pipe.vae, latent_shape)}
 
 
 def _decoder_stage(pipe, shape, report: dict) -> dict:
