@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
+from tests.worker_harness import delivered_callbacks
+
 STORAGE_PREFIX = "/storage/v1/object/"
 CALLBACK_PATH = "/functions/v1/job-callback"
 SIGNATURE_TOLERANCE = 300  # seconds a signed timestamp stays valid
@@ -133,9 +135,12 @@ class SupabaseStandin:
         with self.lock:
             return [r for r in self.requests if r.path.startswith(path_prefix)]
 
-    def callbacks_for(self, job_id: str) -> list[dict]:
-        with self.lock:
-            return [b for b in self.callbacks if b.get("jobId") == job_id]
+    def callbacks_for(self, job_id: str, timeout: float = 10) -> list[dict]:
+        """A job's callback bodies, once its terminal one arrived (or `timeout` passed)."""
+        def read():
+            with self.lock:
+                return list(self.callbacks)
+        return delivered_callbacks(read, job_id, timeout)
 
 
 def _storage_error(status: int, error: str, message: str) -> tuple[int, dict]:

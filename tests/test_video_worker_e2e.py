@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.supabase_standin import SupabaseStandin
-from tests.worker_harness import USER, WorkerProcess, WorkerStarter, contract_payload, push, wait_for
+from tests.worker_harness import USER, WorkerProcess, WorkerStarter, contract_payload, local_callbacks, push, wait_for
 from tools.small_catalog import write_small_job_types
 
 
@@ -50,10 +50,6 @@ def probe(data: bytes, tmp_path) -> dict:
                           str(path)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["streams"][0]
 
-
-def local_callbacks(tmp_path, job_id):
-    lines = (tmp_path / "data" / "jobs" / "callbacks.jsonl").read_text().splitlines()
-    return [body for body in map(json.loads, lines) if body["jobId"] == job_id]
 
 
 def test_images_videos_i2v_and_r2v_as_the_contract_says(tmp_path, make_worker, redis_client):

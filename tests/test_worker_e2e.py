@@ -11,7 +11,7 @@ from PIL import Image
 
 from tools.small_catalog import write_small_job_types
 from tests.supabase_standin import SupabaseStandin
-from tests.worker_harness import USER, WorkerStarter, contract_payload, push, wait_for
+from tests.worker_harness import USER, WorkerStarter, contract_payload, local_callbacks, push, wait_for
 
 
 @pytest.fixture
@@ -20,10 +20,6 @@ def make_worker(tmp_path, redis_server, redis_client, tiny_sdxl):
     yield starter.start
     starter.stop_all()
 
-
-def local_callbacks(tmp_path, job_id):
-    lines = (tmp_path / "data" / "jobs" / "callbacks.jsonl").read_text().splitlines()
-    return [body for body in map(json.loads, lines) if body["jobId"] == job_id]
 
 
 def png_data_uri(size=(48, 40)) -> str:

@@ -91,6 +91,28 @@ def wait_for(client: redis.Redis, job_id: str, statuses=("completed", "failed"),
     raise TimeoutError(f"job {job_id} never reached {statuses}: {record}")
 
 
+TERMINAL = ("completed", "failed")
+
+
+def delivered_callbacks(read, job_id: str, timeout: float = 10) -> list[dict]:
+    """The callback bodies `read()` holds for a job, once its terminal one arrived. The worker commits
+    the record and the outbox entry in one transaction and delivers just after, so a test that saw the
+    record turn terminal may look at the receiver a moment before that delivery."""
+    deadline = time.monotonic() + timeout
+    while True:
+        bodies = [b for b in read() if b.get("jobId") == job_id]
+        if (bodies and bodies[-1].get("status") in TERMINAL) or time.monotonic() > deadline:
+            return bodies
+        time.sleep(0.02)
+
+
+def local_callbacks(tmp_path: Path, job_id: str) -> list[dict]:
+    """Callbacks the local sink logged (DATA_DIR=tmp_path/data), waiting for the terminal one."""
+    log = tmp_path / "data" / "jobs" / "callbacks.jsonl"
+    return delivered_callbacks(lambda: [json.loads(line) for line in log.read_text().splitlines()]
+                               if log.exists() else [], job_id)
+
+
 def push(client: redis.Redis, payload: dict | str | bytes, queue: str = "sdxl_queue") -> None:
     client.lpush(queue, payload if isinstance(payload, (str, bytes)) else json.dumps(payload))
 
