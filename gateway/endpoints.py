@@ -58,6 +58,8 @@ class RylaRequest(BaseModel):
     image: str | None = None
     init_image: str | None = None
     reference_images: list[str] | None = None
+    mask: str | None = None
+    mask_image: str | None = None
     strength: float | None = Field(default=None, gt=0, le=1)
     lora_id: str | None = None
     lora_name: str | None = None
@@ -155,17 +157,24 @@ def job_inputs(catalog: Catalog, spec: JobTypeSpec, request: RylaRequest, loras_
         inputs["numFrames"] = frames
     limits = catalog.limits
     source = request.reference_image or request.source_image or request.image or request.init_image
-    if spec.mode in ("img2img", "img2video"):
+    def checked(value: str, what: str) -> str:
+        return image_source(value, what, limits.input_image_max_bytes, limits.input_image_max_pixels)
+
+    if spec.mode in ("img2img", "inpaint", "img2video"):
         if not source:
             raise GatewayError(400, f"{'reference_image' if spec.mode == 'img2video' else 'image'} is required")
-        uri = image_source(source, "the input image", limits.input_image_max_bytes, limits.input_image_max_pixels)
-        inputs["initImage" if spec.mode == "img2img" else "referenceImage"] = uri
-        if spec.mode == "img2img":
+        uri = checked(source, "the input image")
+        inputs["referenceImage" if spec.mode == "img2video" else "initImage"] = uri
+        if spec.mode != "img2video":
             inputs["strength"] = request.strength
-    elif spec.mode == "ref2video":
+    if spec.mode == "inpaint":
+        mask = request.mask or request.mask_image
+        if not mask:
+            raise GatewayError(400, "mask is required (white where to paint)")
+        inputs["maskImage"] = checked(mask, "the mask")
+    elif spec.mode in ("ref2video", "edit"):    # edit: the picture(s) to edit, one or several
         sources = request.reference_images or ([source] if source else [])
         if not sources:
-            raise GatewayError(400, "reference_images is required")
-        inputs["referenceImages"] = [image_source(value, f"reference image {i}", limits.input_image_max_bytes,
-                                                  limits.input_image_max_pixels) for i, value in enumerate(sources, 1)]
+            raise GatewayError(400, "reference_images is required" if spec.mode == "ref2video" else "image is required")
+        inputs["referenceImages"] = [checked(value, f"reference image {i}") for i, value in enumerate(sources, 1)]
     return inputs

@@ -88,14 +88,14 @@ def decoded(response: httpx.Response) -> Image.Image:
 SERVED_FAMILIES = ("sdxl", "wan", "wan_i2v", "wan_vace")   # what the test workers load
 
 
-def sdxl_and_wan_catalog(directory: Path, **overrides) -> Path:
-    """A small catalog (tools/small_catalog.py) whose RYLA endpoints serve only the SDXL and Wan job
-    types the test workers load; the others answer 501, as on a pod without those models."""
+def sdxl_and_wan_catalog(directory: Path, served=SERVED_FAMILIES, **overrides) -> Path:
+    """A small catalog (tools/small_catalog.py) whose RYLA endpoints serve only the job types of the
+    model families the test workers load (`served`); the others answer 501, as on a pod without them."""
     path = write_small_job_types(directory, **overrides)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     for entry in raw.get("ryla", {}).values():
         spec = raw["job_types"].get(entry.get("job_type"))
-        if spec is not None and raw["models"][spec["model"]]["family"] not in SERVED_FAMILIES:
+        if spec is not None and raw["models"][spec["model"]]["family"] not in served:
             entry["needs"] = entry.get("needs") or f"{entry['job_type']}'s model (not in the test workers)"
             entry["job_type"] = entry["job_type"] + "_not_loaded"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

@@ -15,21 +15,23 @@ import redis
 
 from gateway.app import IDEMPOTENCY_NAMESPACE
 from tests.conftest import RedisServer
-from tests.gateway_harness import GatewayProcess, decoded, image_uri, sdxl_and_wan_catalog
+from tests.gateway_harness import SERVED_FAMILIES, GatewayProcess, decoded, image_uri, sdxl_and_wan_catalog
 from tests.worker_harness import WorkerProcess, wait_for, worker_env
 
 PRICE = "3.6"   # USD per GPU-hour: X-Cost-USD is then the job's seconds / 1000
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_sdxl, tiny_wan):
-    """Own redis-server, an image and a video worker, and a gateway that waits up to 120 s."""
+def stack(tmp_path_factory, tiny_sdxl, tiny_wan, tiny_image_models):
+    """Own redis-server, an image worker (SDXL, Qwen-Image-Edit) and a video worker (Wan), and a
+    gateway that waits up to 120 s."""
     root = tmp_path_factory.mktemp("gateway")
     server = RedisServer(root).start()
-    job_types = sdxl_and_wan_catalog(root / "catalog", width=96, height=96, steps=2, frames=9)
-    wan = {"WAN_MODEL_PATH": str(tiny_wan.t2v), "WAN_I2V_MODEL_PATH": str(tiny_wan.i2v),
-           "WAN_VACE_MODEL_PATH": str(tiny_wan.vace)}
-    env = worker_env(server.url, root / "data", job_types, tiny_sdxl.single_file, tiny_sdxl.folder, **wan)
+    job_types = sdxl_and_wan_catalog(root / "catalog", served=SERVED_FAMILIES + ("qwen_image_edit",),
+                                     width=96, height=96, steps=2, frames=9)
+    models = {"WAN_MODEL_PATH": str(tiny_wan.t2v), "WAN_I2V_MODEL_PATH": str(tiny_wan.i2v),
+              "WAN_VACE_MODEL_PATH": str(tiny_wan.vace), "QWEN_IMAGE_EDIT_MODEL_PATH": str(tiny_image_models.qwen_edit)}
+    env = worker_env(server.url, root / "data", job_types, tiny_sdxl.single_file, tiny_sdxl.folder, **models)
     workers = [WorkerProcess(name, {**env, "WORKER_ID": f"{name}-gw"}, root / f"{name}.log") for name in ("image", "video")]
     (root / "loras").mkdir()
     (root / "loras" / "character-known.safetensors").write_bytes(b"not needed: the gateway stops at 501")
@@ -89,6 +91,23 @@ def test_wan_endpoints_return_animated_webp_with_the_requested_frames(stack):
         assert float(response.headers["X-Cost-USD"]) > 0
     assert decoded(responses["/wan2.6"]).info["duration"] == 125    # fps 8
     assert responses["/wan2.6"].headers["X-Seed"] == "3"
+
+
+def test_qwen_edit_and_inpaint_endpoints_take_the_picture_and_mask_ryla_sends(stack):
+    mask = image_uri((96, 64), color=(255, 255, 255))
+    requests = {
+        "/qwen-image-edit-2511": {"prompt": "make it blue", "source_image": image_uri((96, 64)), "steps": 2, "seed": 4},
+        "/qwen-image-inpaint-2511": {"prompt": "a red door", "image": image_uri((96, 64)), "mask": mask, "steps": 2},
+    }
+    with stack.gateway.client() as http:
+        responses = {path: http.post(path, json=body) for path, body in requests.items()}
+        unmasked = http.post("/qwen-image-inpaint-2511", json={"prompt": "x", "image": image_uri((96, 64))})
+    for path, response in responses.items():
+        assert response.status_code == 200, (path, response.text, stack.workers[0].output())
+        assert response.headers["content-type"] == "image/jpeg" and decoded(response).format == "JPEG", path
+    for path, job_type in (("/qwen-image-edit-2511", b"qwen_image_edit_2511"), ("/qwen-image-inpaint-2511", b"qwen_image_inpaint_2511")):
+        assert stack.redis.hget(f"job:{responses[path].headers['X-Job-Id']}", "jobType") == job_type
+    assert unmasked.status_code == 400 and unmasked.json()["detail"] == "mask is required (white where to paint)"
 
 
 def test_a_job_that_outlasts_the_wait_answers_303_then_202_then_200(stack):
@@ -199,8 +218,10 @@ def test_health_reports_readiness_per_model_and_endpoint(stack):
     assert health.status_code == 200, health.text
     report = health.json()
     assert report["status"] == "ready" and report["gpu_type"] == "test-gpu"
-    assert sorted(report["models"]) == ["lustify_sdxl", "wan_2_1_1_3b", "wan_2_1_i2v_14b_480p", "wan_2_1_vace_1_3b"]
+    assert sorted(report["models"]) == ["lustify_sdxl", "qwen_image_edit_2511", "wan_2_1_1_3b", "wan_2_1_i2v_14b_480p",
+                                        "wan_2_1_vace_1_3b"]
     assert not any(state.startswith("unavailable") for state in report["models"].values())
     assert report["endpoints"]["wan2.6"] == {"served": True, "ready": True, "job_type": "video_fast",
                                              "model": "wan_2_1_1_3b"}
+    assert report["endpoints"]["qwen-image-inpaint-2511"]["served"] is True
     assert report["endpoints"]["flux-dev"] == {"served": False, "ready": False, "needs": "a Flux Dev job type and model"}
