@@ -52,7 +52,9 @@ def test_idle_pickup_latency_is_milliseconds(redis_client):
         latencies[-1] = time.perf_counter() - latencies[-1]
         assert claim.job_id == f"j{i}"
         q.ack(claim)
-    assert max(latencies) < 0.1, latencies
+    # Blocking BLMOVE, not polling: a poller would answer in about half its interval. The bounds leave
+    # room for a loaded 2-core CI machine; bench/queue_bench.py measures p50/p99.
+    assert sorted(latencies)[2] < 0.05 and max(latencies) < 0.5, latencies
 
 
 def test_reaper_requeues_the_claims_of_a_dead_worker_in_order(redis_client):

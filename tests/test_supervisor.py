@@ -288,7 +288,7 @@ def test_real_children(tmp_path):
     sup.start()
     seen_backoff = False
     try:
-        while time.monotonic() - started < 2.5:
+        while time.monotonic() - started < 10:      # leaves as soon as both states are reached
             sup.tick()
             seen_backoff |= sup.state("bad") is State.BACKOFF
             if sup.state("good") is State.RUNNING and sup.state("bad") is State.FATAL:
@@ -299,9 +299,10 @@ def test_real_children(tmp_path):
         assert sup.status()["bad"]["last_exit"] == 1 and sup.status()["bad"]["restarts"] == 2
         pid = sup.status()["good"]["pid"]
     finally:
+        stopping = time.monotonic()
         sup.stop(grace=2.0)
+    assert time.monotonic() - stopping < 2.0          # the child stopped on SIGTERM, no kill needed
     assert sup.status()["good"]["state"] == "stopped"
     assert sup.status()["good"]["last_exit"] == -signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert time.monotonic() - started < 3.0

@@ -121,8 +121,9 @@ class ReliableQueue:
             self.scripting = False
             return None
 
-    def ack(self, claim: Claim) -> None:
-        self.r.lrem(self.processing, 1, claim.raw)
+    def ack(self, claim: Claim, pipe=None) -> None:
+        """Release the claim; with `pipe`, as part of the caller's transaction."""
+        (self.r if pipe is None else pipe).lrem(self.processing, 1, claim.raw)
 
     def requeue(self, claim: Claim, count_attempt: bool) -> None:
         """Back to the right end (served next). A shutdown does not count as an attempt."""
@@ -133,13 +134,17 @@ class ReliableQueue:
                 pipe.hincrby(job_key(claim.job_id), "attempts", -1)
             pipe.execute()
 
-    def dead_letter(self, claim: Claim, reason: str) -> None:
+    def dead_letter(self, claim: Claim, reason: str, pipe=None) -> None:
+        """Move the claim to the dead-letter list; with `pipe`, as part of the caller's transaction."""
+        if pipe is None:
+            with self.r.pipeline(transaction=True) as own:
+                self.dead_letter(claim, reason, own)
+                own.execute()
+            return
         entry = {"payload": claim.raw.decode("utf-8", "replace"), "reason": reason, "jobId": claim.job_id,
                  "attempts": claim.attempts, "worker": self.worker_id, "at": self.clock()}
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.lrem(self.processing, 1, claim.raw)
-            pipe.lpush(self.dead_key, json.dumps(entry))
-            pipe.execute()
+        pipe.lrem(self.processing, 1, claim.raw)
+        pipe.lpush(self.dead_key, json.dumps(entry))
 
     # --- housekeeping, run by every worker between jobs -------------------------------------
     def recover_own(self) -> int:

@@ -1,7 +1,8 @@
 """The worker loop, as a checklist:
 
     claim → parse → (already done? too many attempts?) → processing → check → generate
-          → encode → upload → completed (record + callback outbox, atomically) → ack
+          → encode → upload → completed + ack (record, callback outbox and claim: one transaction)
+          → callback delivery
 
 The part after generate (`_finish`) runs on the Finisher's thread while the next job generates
 (OVERLAP_FINISH=0: inline). Each error class has its own branch in `_guarded()`, wherever the
@@ -266,7 +267,7 @@ class Runner:
                 log.warning("job %s: redis unreachable while finishing (%s); it will run again", job.job_id, exc)
 
     def _finish(self, claim: Claim, job: Job, output, started: float) -> None:
-        """Store the outputs, then completed (record + callback outbox, atomically), then ack."""
+        """Store the outputs, then completed and acked in one transaction, then the callback."""
         paths = self._store(job, output)
         body = completed_body(job.job_id, paths, job.spec.content)   # video: filePath is the MP4
         if job.spec.content == "video":
@@ -276,10 +277,9 @@ class Runner:
         note = fallback_note(job.payload)
         if note is not None:
             body["fallback"] = note
-        self.outbox.send_terminal(job.job_id, body, same_transaction=lambda pipe: self.records.update(
-            job.job_id, pipe=pipe, status="completed", phase="done", outputs=paths, seeds=list(job.seeds),
+        self.outbox.send_terminal(job.job_id, body, same_transaction=self._ending(
+            claim, job.job_id, status="completed", phase="done", outputs=paths, seeds=list(job.seeds),
             bucket=job.bucket, completed_at=self.clock(), seconds=round(self.clock() - started, 3)))
-        self.queue.ack(claim)
         count_job(self.queue.r, job.job_type, "completed")
         observe_duration(self.queue.r, job.job_type, self.clock() - started)
         self.oom_streak = 0
@@ -334,6 +334,18 @@ class Runner:
         return [self.storage.upload(job.bucket, job.user_id, f"{job.job_id}.mp4", video, job.spec.content_type),
                 self.storage.upload(job.bucket, job.user_id, f"{job.job_id}_thumb.jpg", thumbnail, "image/jpeg")]
 
+    def _ending(self, claim: Claim, job_id: str, dead_letter: str | None = None, **record) -> Callable:
+        """The writes that end a job, for send_terminal's transaction: the record, and the claim
+        released (acked, or dead-lettered with its reason). A crash then leaves either a claimed job
+        (run again) or an ended one whose callback waits in the outbox, never an ended job still claimed."""
+        def writes(pipe) -> None:
+            self.records.update(job_id, pipe=pipe, **record)
+            if dead_letter is None:
+                self.queue.ack(claim, pipe)
+            else:
+                self.queue.dead_letter(claim, dead_letter, pipe)
+        return writes
+
     # --- failure branches -----------------------------------------------------------------
     def _reject(self, claim: Claim, exc: JobRejected) -> None:
         if exc.job_id is None:
@@ -343,9 +355,8 @@ class Runner:
 
     def _fail(self, claim: Claim, job_id: str, message: str) -> None:
         log.warning("job %s failed: %s", job_id, message)
-        self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=lambda pipe: self.records.update(
-            job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
-        self.queue.ack(claim)
+        self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=self._ending(
+            claim, job_id, status="failed", phase="done", error=message, completed_at=self.clock()))
         count_job(self.queue.r, job_type_label(claim.raw, self.catalog), "failed")
 
     def _fail_or_fall_back(self, claim: Claim, job: Job, reason: str) -> None:
@@ -356,9 +367,8 @@ class Runner:
 
     def _give_up(self, claim: Claim, job_id: str, tried: int) -> None:
         message = f"gave up after {tried} attempt(s): the worker stopped while running this job each time"
-        self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=lambda pipe: self.records.update(
-            job_id, pipe=pipe, status="failed", phase="done", error=message, completed_at=self.clock()))
-        self.queue.dead_letter(claim, message)
+        self.outbox.send_terminal(job_id, failed_body(job_id, message), same_transaction=self._ending(
+            claim, job_id, dead_letter=message, status="failed", phase="done", error=message, completed_at=self.clock()))
         count_job(self.queue.r, job_type_label(claim.raw, self.catalog), "failed")
 
     def _out_of_memory(self) -> None:

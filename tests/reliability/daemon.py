@@ -70,6 +70,16 @@ def payload(job_type: str = "sdxl_image_fast", num_images: int = 1, **extra) -> 
     return body
 
 
+
+def eventually(condition: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return False
+
 class Daemon:
     def __init__(self, root: Path, tiny: TinySDXL, *, steps: int = 1, job_types: dict | None = None,
                  data_dir: Path | None = None, redis_port: int | None = None, **env):

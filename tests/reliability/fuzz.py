@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.reliability import Config
-from tests.reliability.daemon import USER, Daemon, payload
+from tests.reliability.daemon import USER, Daemon, eventually, payload
 from tests.reliability.figures import Figures, settle_local, tally_local
 from tests.reliability.scenarios import _check_end_state
 from tools.small_catalog import small_catalog
@@ -261,7 +261,11 @@ def fuzz(cfg: Config, root: Path, tiny) -> list[Figures]:
         same = {n: daemon.worker_pid(n) == pid for n, pid in pids.items()}
         fig.notes["worker crashes"] = f"{sum(crashes.values() or [0])} (restarts {crashes}, same pids {same})"
         fig.require(not any(crashes.values()) and all(same.values()), f"workers crashed: {crashes} {same}")
-        failed = sum(v for k, v in daemon.metrics().items() if k.startswith("ourvidz_jobs_total") and 'status="failed"' in k)
+        def counted_failed() -> float:   # the counter follows the job's end by a moment
+            return sum(v for k, v in daemon.metrics().items() if k.startswith("ourvidz_jobs_total") and 'status="failed"' in k)
+
+        eventually(lambda: counted_failed() >= fig.failed_total, timeout=5, poll=0.2)
+        failed = counted_failed()
         fig.require(failed == fig.failed_total, f"/metrics counts {failed:g} failed jobs, the jobs record {fig.failed_total}")
         outputs = set()
         for job_id in controls:

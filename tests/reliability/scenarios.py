@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from tests.reliability import Config
-from tests.reliability.daemon import Daemon, free_port, payload
+from tests.reliability.daemon import Daemon, eventually, free_port, payload
 from tests.reliability.figures import Figures, local_history, settle_local, statuses, tally_local
 from workers.embedded_redis import EmbeddedRedis
 from workers.supervisor import ProcessSpec, Supervisor
@@ -23,18 +23,15 @@ STARTSECS = ProcessSpec.__dataclass_fields__["startsecs"].default
 MAX_INSTANT = inspect.signature(Supervisor.__init__).parameters["max_instant_crashes"].default
 
 
-def _wait(condition, timeout: float, poll: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll)
-    return False
-
-
 def _check_end_state(fig: Figures, daemon: Daemon) -> dict:
-    """Every process running again, nothing left in a queue or claimed."""
+    """Every process running again, nothing left in a queue or claimed (within a few seconds: a
+    restarted worker may still be taking back a claim whose job had ended)."""
+    def drained(report: dict) -> bool:
+        return not any(view.get("pending") or view.get("processing") for view in report["queues"].values())
+
     try:
+        report = daemon.wait_healthy(60)
+        eventually(lambda: drained(daemon.wait_healthy(60)), timeout=15, poll=0.2)
         report = daemon.wait_healthy(60)
     except RuntimeError as exc:
         fig.problems.append(f"the daemon is not healthy at the end: {str(exc)[:300]}")
@@ -148,9 +145,13 @@ def _check_storm_metrics(fig: Figures, daemon: Daemon, killer: Killer) -> None:
         restarts = metrics.get(f'ourvidz_process_restarts_total{{process="{name}"}}')
         fig.require(restarts == killer.kills[name], f"/metrics says {name} restarted {restarts} times, "
                                                     f"{killer.kills[name]} kills")
-    counted = sum(v for k, v in metrics.items() if k.startswith("ourvidz_jobs_total") and 'status="completed"' in k)
+    def counted_completed() -> float:   # the counter follows the job's end by a moment
+        return sum(v for k, v in daemon.metrics().items() if k.startswith("ourvidz_jobs_total") and 'status="completed"' in k)
+
+    eventually(lambda: counted_completed() >= fig.completed, timeout=5, poll=0.2)
+    counted = counted_completed()
     fig.notes["/metrics"] = f"jobs_total completed {counted:g}, restarts as killed"
-    # A kill between the ack and the counter's HINCRBY can miss one count, never add one.
+    # A kill between the job's end and the counter's HINCRBY can miss one count, never add one.
     fig.require(fig.completed - killer.total <= counted <= fig.completed,
                 f"/metrics counts {counted:g} completed jobs, the jobs record {fig.completed}")
 
@@ -172,13 +173,13 @@ def redis_restart(cfg: Config, root: Path, tiny) -> list[Figures]:
                 daemon.push(body)
             # Stop it once the workers got going again: some jobs done since the last restart, one claimed.
             goal = number * third + third // 2
-            _wait(lambda: sum(s == "completed" for s in statuses(daemon.client, ids).values()) >= goal, 60)
-            _wait(lambda: any(w.get("claimed") for w in daemon.health()[1].get("workers", {}).get("image", [])), 10)
+            eventually(lambda: sum(s == "completed" for s in statuses(daemon.client, ids).values()) >= goal, 60)
+            eventually(lambda: any(w.get("claimed") for w in daemon.health()[1].get("workers", {}).get("image", [])), 10)
             old = daemon.redis_pid()
             done_before = sum(s == "completed" for s in statuses(daemon.client, ids).values())
             stopped = time.monotonic()
             fig.require(daemon.signal_child(old, how), "the embedded redis-server was not found")
-            back = _wait(lambda: daemon.redis_pid() not in (None, old) and _pings(daemon.client), 60, poll=0.1)
+            back = eventually(lambda: daemon.redis_pid() not in (None, old) and _pings(daemon.client), 60, poll=0.1)
             outages.append(f"{how.name}: back after {time.monotonic() - stopped:.1f} s ({done_before} completed before)")
             fig.require(back, f"redis-server was not started again after {how.name}")
         for body in batches[2]:
@@ -219,7 +220,7 @@ def graceful_stop(cfg: Config, root: Path, tiny) -> list[Figures]:
         try:
             daemon.push(body)
             key = f"job:{body['jobId']}"
-            _wait(lambda: daemon.client.hget(key, "phase") == b"generating" or daemon.client.hget(key, "status") == b"completed", 60)
+            eventually(lambda: daemon.client.hget(key, "phase") == b"generating" or daemon.client.hget(key, "status") == b"completed", 60)
             fig.require(daemon.client.hget(key, "phase") == b"generating", f"STOP_GRACE={grace}: the job was not running at SIGTERM")
         finally:
             code, seconds = daemon.stop(timeout=grace + 60)
