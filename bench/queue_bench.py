@@ -1,7 +1,7 @@
 """CPU part: queue pickup latency and per-job overhead outside generation, with a tiny SDXL.
 
 A real redis-server and the real Runner (claim → parse → records → processing callback → check →
-generate → PNG + upload → completed record and callback → ack), serving in a thread as in the worker
+generate → PNG + upload → completed record, outbox and ack → callback), serving in a thread as in the worker
 process. The producer LPUSHes one job at a time, after the previous one was acknowledged and a short
 random pause, so the worker is idle (blocked in BLMOVE) at every push. Two set-ups: local mode (local
 storage, local status records) and Supabase mode (HTTP uploads and callbacks to the test stand-in on
