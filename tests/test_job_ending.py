@@ -35,7 +35,7 @@ class WitnessSink:
 
 @pytest.fixture
 def ending(tmp_path, redis_client, tiny_sdxl):
-    catalog = small_catalog(tmp_path / "catalog")
+    catalog = small_catalog(tmp_path / "catalog", limits={"payload_max_bytes": 100_000})
     settings = Settings.from_env({"DATA_DIR": str(tmp_path / "data"), "DEVICE": "cpu", "OVERLAP_FINISH": "0"})
     queue = ReliableQueue(redis_client, "sdxl_queue", "ending-test", 5.0)
     queue.register({"state": "ready"})
@@ -68,3 +68,10 @@ def test_a_job_given_up_is_dead_lettered_when_its_callback_arrives(ending, redis
     seen = ending(payload)
     assert seen == {"record": b"failed", "claimed": 0, "dead": True, "pending": True}
     assert redis_client.hexists("callbacks:pending", payload["jobId"]) is False   # delivered: entry gone
+
+
+def test_a_payload_over_the_size_limit_fails_its_job_with_the_reason(ending, redis_client):
+    payload = contract_payload(metadata={"num_images": 2, "padding": "x" * 100_000})
+    seen = ending(payload)
+    assert seen == {"record": b"failed", "claimed": 0, "dead": False, "pending": True}
+    assert "over the 100000-byte limit" in redis_client.hget(f"job:{payload['jobId']}", "error").decode()

@@ -348,10 +348,11 @@ class Runner:
 
     # --- failure branches -----------------------------------------------------------------
     def _reject(self, claim: Claim, exc: JobRejected) -> None:
-        if exc.job_id is None:
+        job_id = exc.job_id or claim.job_id   # the claim read the jobId of a payload refused unread (too large)
+        if job_id is None:
             log.warning("dead-lettering a payload without a usable jobId: %s", exc.reason)
             return self.queue.dead_letter(claim, exc.reason)
-        self._fail(claim, exc.job_id, exc.reason)
+        self._fail(claim, job_id, exc.reason)
 
     def _fail(self, claim: Claim, job_id: str, message: str) -> None:
         log.warning("job %s failed: %s", job_id, message)

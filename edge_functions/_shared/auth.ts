@@ -122,11 +122,14 @@ export interface CallbackAuthConfig {
 }
 
 export function callbackAuthFromEnv(env: { get(key: string): string | undefined }): CallbackAuthConfig {
-  return {
+  const config = {
     serviceKey: env.get("SUPABASE_SERVICE_ROLE_KEY") || env.get("SUPABASE_SERVICE_KEY") || null,
     callbackSecret: env.get("CALLBACK_SECRET") || null,
     requireSignature: (env.get("CALLBACK_REQUIRE_SIGNATURE") ?? "").toLowerCase() === "true",
   };
+  // Signatures required but no secret to check them: every callback would be refused for good.
+  if (config.requireSignature && !config.callbackSecret) throw new Error("CALLBACK_REQUIRE_SIGNATURE=true needs CALLBACK_SECRET");
+  return config;
 }
 
 /** null when the caller is a worker; else the reason (answered with 401). */

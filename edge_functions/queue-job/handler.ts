@@ -20,6 +20,12 @@ export interface QueueJobDeps {
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const DATA_IMAGE = /^data:image\/(png|jpeg|webp);base64,([A-Za-z0-9+/]+={0,2})$/;
 const MAX_SEED = 2 ** 32 - 1;
+// Image inputs the payload carries at its top level: left out of the metadata copy, so that a
+// data: URI is neither queued twice nor stored in jobs.metadata.
+const IMAGE_INPUTS = ["initImage", "init_image", "imageUrl", "maskImage", "mask_image", "mask", "referenceImage",
+  "reference_image", "referenceImages", "reference_images"];
+// jobId and timestamp, added to the payload after the row exists.
+const PAYLOAD_ENVELOPE_BYTES = 128;
 
 class BadRequest extends Error {}
 
@@ -111,7 +117,8 @@ export function buildJob(body: Body, userId: string) {
   const videoId = optionalUuid(body.videoId, "videoId");
   const projectId = optionalUuid(pick(body, meta, "projectId", "project_id"), "projectId");
   const characterId = optionalUuid(pick(body, meta, "characterId", "character_id"), "characterId");
-  const metadata: Body = { ...meta, num_images: numImages, queue: spec.queue, bucket };
+  const kept = Object.fromEntries(Object.entries(meta).filter(([key]) => !IMAGE_INPUTS.includes(key)));
+  const metadata: Body = { ...kept, num_images: numImages, queue: spec.queue, bucket };
   const extras: Body = {};
   if (seed !== undefined) extras.seed = seed;
   if (negativePrompt !== undefined) extras.negativePrompt = negativePrompt;
@@ -202,6 +209,11 @@ export function createQueueJobHandler(deps: QueueJobDeps): (req: Request) => Pro
       if (err instanceof BadRequest) return errorResponse(400, err.message);
       throw err;
     }
+    // The worker dead-letters a queue item over this size unread: refuse it here, before the row exists.
+    const size = new TextEncoder().encode(JSON.stringify(job.payload)).length + PAYLOAD_ENVELOPE_BYTES;
+    if (size > LIMITS.payloadMaxBytes) {
+      return errorResponse(413, `the job's inputs come to ${size} bytes, over the ${LIMITS.payloadMaxBytes}-byte limit`);
+    }
     const refused = await checkPrompt(job.prompt, deps.classifier ?? null);
     if (refused) return errorResponse(422, refused, { code: "prompt_refused" });
 
@@ -224,7 +236,9 @@ export function createQueueJobHandler(deps: QueueJobDeps): (req: Request) => Pro
       await markFailed(deps.sql, row.id, reason);
       return errorResponse(503, reason, { jobId: row.id, status: "failed" });
     }
-    const figures = await queueFigures(deps.sql, row.id);
+    // The job is queued: a failing position query must not turn that into an error answer.
+    const figures = await queueFigures(deps.sql, row.id)
+      .catch(() => ({ queuePosition: null, estimatedTime: null, workerType: null, queue: null }));
     return json({
       success: true,
       jobId: row.id,

@@ -1,8 +1,8 @@
 // job-callback against a real PostgreSQL: authentication, validation, monotonic transitions.
-import { assert, assertEquals, assertStrictEquals } from "./assert.ts";
+import { assert, assertEquals, assertStrictEquals, assertThrows } from "./assert.ts";
 import { CALLBACK_SECRET, closeAll, createUser, post, reset, SERVICE_KEY, signCallback, sql, test } from "./helpers.ts";
 import { createJobCallbackHandler } from "../../edge_functions/job-callback/handler.ts";
-import type { CallbackAuthConfig } from "../../edge_functions/_shared/auth.ts";
+import { type CallbackAuthConfig, callbackAuthFromEnv } from "../../edge_functions/_shared/auth.ts";
 
 const URL_ = "http://localhost/functions/v1/job-callback";
 const AUTH: CallbackAuthConfig = { serviceKey: SERVICE_KEY, callbackSecret: CALLBACK_SECRET, requireSignature: false };
@@ -141,6 +141,12 @@ test("authentication: signature, service key, and the signature-only mode", asyn
   const headers = { Authorization: `Bearer ${SERVICE_KEY}`, ...(await signCallback(body)) };
   const tampered = await handler(post(URL_, body.replace("processing", "failed"), headers));
   assertEquals([tampered.status, (await tampered.json()).error], [401, "invalid callback signature"]);
+  // Signatures required without a secret would refuse every callback for good: the function does not start.
+  const env = (vars: Record<string, string>) => ({ get: (key: string) => vars[key] });
+  assertThrows(() => callbackAuthFromEnv(env({ CALLBACK_REQUIRE_SIGNATURE: "true", SUPABASE_SERVICE_KEY: "k" })),
+    "CALLBACK_REQUIRE_SIGNATURE=true needs CALLBACK_SECRET");
+  assertEquals(callbackAuthFromEnv(env({ CALLBACK_REQUIRE_SIGNATURE: "true", CALLBACK_SECRET: "s" })),
+    { serviceKey: null, callbackSecret: "s", requireSignature: true });
 });
 
 test("unknown jobId is 404 and bad bodies are 400, each with a JSON error", async () => {

@@ -112,6 +112,29 @@ test("image-to-video, reference-to-video and numFrames inputs are passed on", as
   assertEquals([res.status, payload.referenceImages], [200, [PNG_1PX]]);
 });
 
+test("image inputs given in metadata are queued once, at the top level, and never stored in the row", async () => {
+  await reset();
+  const token = await userToken(await createUser());
+  const res = await call({ jobType: "video_r2v", prompt: "x", metadata: { source: "ui", reference_images: [PNG_1PX] } }, token);
+  assertStrictEquals(res.status, 200, JSON.stringify(res.body));
+  const [payload] = await listItems("wan_queue");
+  assertEquals([payload.referenceImages, payload.metadata], [[PNG_1PX], { source: "ui", num_images: 1, queue: "wan_queue", bucket: "video_high" }]);
+  const [row] = await sql`select metadata from public.jobs where id = ${res.body.jobId}`;
+  assert(!JSON.stringify(row.metadata).includes("base64"), JSON.stringify(row.metadata));
+});
+
+test("inputs too large for a queue item are refused (413) before anything is stored", async () => {
+  await reset();
+  const token = await userToken(await createUser());
+  // Three pictures under the per-image limit whose payload, once wrapped, passes the worker's item limit.
+  const chars = Math.floor((LIMITS.payloadMaxBytes - 240) / 3 / 4) * 4;
+  const picture = "data:image/png;base64," + "A".repeat(chars - 22);
+  const res = await call({ jobType: "video_r2v", prompt: "x", referenceImages: [picture, picture, picture] }, token);
+  assertStrictEquals(res.status, 413, JSON.stringify(res.body).slice(0, 300));
+  assert(res.body.error.includes(`over the ${LIMITS.payloadMaxBytes}-byte limit`), res.body.error);
+  assertEquals([await jobCount(), (await listItems("wan_queue")).length], [0, 0]);
+});
+
 test("authentication failures are 401 and change nothing", async () => {
   await reset();
   const user = await createUser();
