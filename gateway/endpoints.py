@@ -20,9 +20,9 @@ from workers.config import SAFE_SEGMENT, Catalog, JobTypeSpec
 from workers.job import LORA_FAMILIES
 from workers.media import INPUT_FORMATS
 
-# Wan's VAE and patching: sizes in multiples of 16, clips of 4k+1 frames (workers/pipelines/wan.py
-# checks the same in the worker; checked here too so that RYLA gets a 400, not a failed job).
-WAN_SIZE_MULTIPLE, WAN_FRAME_MULTIPLE = 16, 4
+# Wan's VAE: clips of 4k+1 frames (workers/pipelines/wan.py checks the same in the worker; checked
+# here too so that RYLA gets a 400, not a failed job).
+WAN_FRAME_MULTIPLE = 4
 ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4),
                  "3:2": (3, 2), "2:3": (2, 3), "21:9": (21, 9), "9:21": (9, 21)}
 
@@ -139,7 +139,7 @@ def job_inputs(catalog: Catalog, spec: JobTypeSpec, request: RylaRequest, loras_
     if lora is not None and family not in LORA_FAMILIES:
         raise GatewayError(501, f"LoRA loading is not served for {spec.name} ({family} models) by this pod")
     wan = family.startswith("wan")
-    multiple = WAN_SIZE_MULTIPLE if wan else 8
+    multiple = catalog.size_multiple(spec)
     width, height = sized(spec, request, multiple)
     for what, value in (("width", width), ("height", height)):
         if value is not None and value % multiple:

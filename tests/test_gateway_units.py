@@ -76,6 +76,25 @@ def test_params_set_size_steps_and_guidance_within_the_job_types_bounds(tmp_path
             parse_job(contract_payload(params=params), catalog)
 
 
+def test_sizes_follow_the_model_familys_multiple():
+    from gateway.endpoints import GatewayError, RylaRequest, job_inputs
+    from workers.submit import new_payload
+
+    catalog = load_catalog()
+    qwen = catalog.job_types["qwen_image_2512"]
+    for ratio in ("4:3", "21:9", "9:16"):    # rounded to 16 for Qwen-Image, as its pipeline needs
+        inputs = job_inputs(catalog, qwen, RylaRequest(prompt="a woman", aspect_ratio=ratio), Path("/nonexistent"))
+        job = parse_job(new_payload(catalog, qwen.name, "a woman", "ryla", num_images=1, **inputs), catalog)
+        assert job.width % 16 == 0 and job.height % 16 == 0 and job.width * job.height <= 1024 * 1024, (ratio, job)
+    with pytest.raises(GatewayError, match="width 1176 must be a multiple of 16 for qwen_image_2512"):
+        job_inputs(catalog, qwen, RylaRequest(prompt="x", width=1176, height=880), Path("/nonexistent"))
+    sdxl = job_inputs(catalog, catalog.job_types["sdxl_image_fast"], RylaRequest(prompt="x", width=1000, height=1048),
+                      Path("/nonexistent"))
+    assert sdxl["params"] == {"width": 1000, "height": 1048}      # SDXL takes multiples of 8
+    with pytest.raises(JobRejected, match="multiples of 16 for z_image_turbo, got 1000x1000"):
+        parse_job(contract_payload("z_image_turbo", params={"width": 1000, "height": 1000}), catalog)
+
+
 def test_gateway_settings(tmp_path):
     base = {"MODELS_DIR": str(tmp_path)}
     settings = GatewaySettings.from_env(base)

@@ -123,6 +123,7 @@ def test_catalog_has_every_contract_job_type():
     (lambda d: d["job_types"]["sdxl_image_fast"].update(model="nope"), "unknown model 'nope'"),
     (lambda d: d["job_types"]["sdxl_image_fast"].update(fallback="nope"), "fallback"),
     (lambda d: d["job_types"]["sdxl_image_fast"].update(width=1000 + 1), "width"),
+    (lambda d: d["job_types"]["video_fast"].update(width=488), "job_types.video_fast: 488x832 is not a multiple of 16"),
     (lambda d: d["job_types"]["sdxl_image_fast"].update(colour="red"), "colour"),
     (lambda d: d["job_types"]["sdxl_image_fast"].update(buckets=["../x"]), "safe path segment"),
     (lambda d: d["limits"].pop("prompt_max_chars"), "limits.prompt_max_chars"),

@@ -16,7 +16,7 @@ from workers.job import JobRejected, LoraRequest, parse_job
 from workers.media import ImageLimits
 from workers.pipelines.base import LoadOptions, ModelUnavailable
 from workers.pipelines.lora import LoraLibrary
-from workers.pipelines.qwen_image import QwenImageFamily
+from workers.pipelines.qwen_image import QwenImageFamily, same_shape
 from workers.pipelines.z_image import ZImageFamily
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=1_000_000, timeout=5)
@@ -124,10 +124,19 @@ def test_inpaint_and_edit_share_the_loaded_weights(qwen_edit, catalog):
     mask = image_uri(color=255, mode="L")
     images = run(qwen_edit, make_job(catalog, "qwen_image_inpaint_2511", initImage=image_uri(), maskImage=mask))
     assert [image.shape for image in images] == [(64, 64, 3)]
-    # One edit generation (the pipeline encodes each picture at about 1024², the slow part on a CPU).
+    # A landscape photo stays landscape (the type's 64² pixels, sides in multiples of 16), not stretched
+    # to the type's square; a size the payload sets wins.
+    wide, wide_mask = image_uri((96, 64)), image_uri((96, 64), color=255, mode="L")
+    images = run(qwen_edit, make_job(catalog, "qwen_image_inpaint_2511", initImage=wide, maskImage=wide_mask))
+    assert [image.shape for image in images] == [(48, 64, 3)]
+    images = run(qwen_edit, make_job(catalog, "qwen_image_inpaint_2511", initImage=wide, maskImage=wide_mask,
+                                     params={"width": 64, "height": 64}))
+    assert [image.shape for image in images] == [(64, 64, 3)]
+    # One edit generation (the pipeline encodes each picture at about 1024², the slow part on a CPU):
+    # the output takes the picture's portrait shape.
     images = run(qwen_edit, make_job(catalog, "qwen_image_edit_2511", referenceImages=[image_uri((48, 80))],
                                      params={"guidance": 1.0}))
-    assert [image.shape for image in images] == [(64, 64, 3)]
+    assert [image.shape for image in images] == [(80, 48, 3)]
 
 
 @pytest.mark.parametrize("job_type, payload, fragment", [
@@ -147,6 +156,13 @@ def test_bad_inputs_are_refused_in_check(qwen, qwen_edit, catalog, job_type, pay
     with pytest.raises(ValueError) as info:
         family.check(make_job(catalog, job_type, **payload))
     assert fragment in str(info.value)
+
+
+def test_same_shape_keeps_the_aspect_within_the_pixel_count():
+    assert same_shape((1536, 1024), 1024 * 1024, 16) == (1248, 832)
+    assert same_shape((1024, 1024), 1024 * 1024, 16) == (1024, 1024)
+    assert same_shape((4000, 100), 1024 * 1024, 16) == (4096, 160)       # capped at the largest side
+    assert same_shape((10, 5000), 64 * 64, 16) == (16, 256)             # a side held at 16: the other gives way
 
 
 def test_refusals_before_the_worker(catalog):

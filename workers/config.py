@@ -81,6 +81,12 @@ class MagCacheCalibration(_Strict):
     uncond: list[Annotated[float, Field(gt=0, lt=2)]] = Field(min_length=2)
 
 
+# Sizes a family renders come in multiples of its VAE's downscale times its transformer's patch:
+# SDXL's UNet takes any multiple of 8; Wan, Qwen-Image and Z-Image patch their 8x latents 2x2.
+SIZE_MULTIPLES = {"sdxl": 8, "wan": 16, "wan_i2v": 16, "wan_vace": 16, "qwen_image": 16, "qwen_image_edit": 16,
+                  "z_image": 16}
+
+
 class ModelSpec(_Strict):
     # wan: text-to-video and one-frame images; wan_i2v: image-to-video; wan_vace: reference-to-video
     # qwen_image: Qwen-Image (text-to-image, inpaint); qwen_image_edit: Qwen-Image-Edit Plus (edit, inpaint)
@@ -195,6 +201,10 @@ class Catalog(_Strict):
                                                 or not self.models[spec.model].magcache):
                 raise ValueError(f"{where}.step_cache: needs a `wan` model with a `magcache` calibration "
                                  f"({spec.model!r} has none)")
+            multiple = SIZE_MULTIPLES[self.models[spec.model].family]
+            if spec.width % multiple or spec.height % multiple:
+                raise ValueError(f"{where}: {spec.width}x{spec.height} is not a multiple of {multiple}, "
+                                 f"as {self.models[spec.model].family} models need")
             if spec.default_images > self.limits.max_images_per_job:
                 raise ValueError(f"{where}.default_images: {spec.default_images} exceeds limits.max_images_per_job")
         queues = [w.queue for w in self.workers.values()]
@@ -204,6 +214,9 @@ class Catalog(_Strict):
 
     def job_type(self, name: str) -> JobTypeSpec | None:
         return self.job_types.get(name)
+
+    def size_multiple(self, spec: JobTypeSpec) -> int:
+        return SIZE_MULTIPLES[self.models[spec.model].family]
 
     def queue_of(self, job_type: str) -> str:
         return self.workers[self.job_types[job_type].worker].queue

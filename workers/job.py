@@ -63,6 +63,7 @@ class Job:
     reference_images: tuple[str, ...] = ()  # image-to-video (one), reference-to-video and edit (1..limit) sources
     mask_image: str | None = None   # inpaint: white where the image is repainted; the init image's size
     loras: tuple[LoraRequest, ...] = ()   # the payload's adapters (the job type's own come from spec.loras)
+    size_given: bool = False        # params set width or height: an input picture's shape does not change it
 
     @property
     def queue_worker(self) -> str:
@@ -202,7 +203,9 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         if requested is not None:   # shorter clips only: the job type's length bounds time and timeout
             frames = _as_int(requested, "number of frames", 1, spec.frames, job_id)
     references = _reference_images(spec, payload, meta, limits.max_reference_images, job_id, user_id)
-    width, height, steps, guidance = _params(spec, _pick(payload, meta, "params"), limits.max_steps, job_id, user_id)
+    params = _pick(payload, meta, "params")
+    width, height, steps, guidance = _params(spec, params, limits.max_steps, catalog.size_multiple(spec), job_id, user_id)
+    size_given = isinstance(params, dict) and (params.get("width") is not None or params.get("height") is not None)
 
     return Job(
         job_id=job_id,
@@ -226,6 +229,7 @@ def parse_job(raw: bytes | str | dict, catalog: Catalog) -> Job:
         reference_images=references,
         mask_image=mask_image,
         loras=loras,
+        size_given=size_given,
     )
 
 
@@ -252,7 +256,8 @@ def _loras(value: Any, limit: int, job_id: str, user_id: str) -> tuple[LoraReque
     return tuple(out)
 
 
-def _params(spec: JobTypeSpec, params: Any, max_steps: int, job_id: str, user_id: str) -> tuple[int, int, int, float]:
+def _params(spec: JobTypeSpec, params: Any, max_steps: int, multiple: int, job_id: str,
+            user_id: str) -> tuple[int, int, int, float]:
     """`params`: width, height, steps, guidance within the job type's bounds (the type's pixel count
     bounds memory and time); anything left out keeps the type's value."""
     if params is None:
@@ -261,8 +266,9 @@ def _params(spec: JobTypeSpec, params: Any, max_steps: int, job_id: str, user_id
         raise JobRejected("params must be a JSON object", job_id, user_id)
     width = spec.width if params.get("width") is None else _as_int(params["width"], "width", 64, 4096, job_id)
     height = spec.height if params.get("height") is None else _as_int(params["height"], "height", 64, 4096, job_id)
-    if width % 8 or height % 8:
-        raise JobRejected(f"width and height must be multiples of 8, got {width}x{height}", job_id, user_id)
+    if width % multiple or height % multiple:
+        raise JobRejected(f"width and height must be multiples of {multiple} for {spec.name}, got {width}x{height}",
+                          job_id, user_id)
     if width * height > spec.width * spec.height:
         raise JobRejected(f"{width}x{height} is larger than {spec.name}'s {spec.width}x{spec.height} pixels", job_id, user_id)
     steps = spec.steps if params.get("steps") is None else _as_int(params["steps"], "steps", 1, max_steps, job_id)

@@ -157,9 +157,10 @@ class DiTFamily(abc.ABC):
             self.slots.activate(inputs["loras"])
             phase("generating")
             generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
-            kwargs = self._call_kwargs(job, inputs)
+            width, height = self.output_size(job, inputs)
+            kwargs = self._call_kwargs(job, inputs, (width, height))
             result = self.variants[job.spec.mode](
-                prompt=job.prompt, height=job.height, width=job.width, num_inference_steps=job.steps,
+                prompt=job.prompt, height=height, width=width, num_inference_steps=job.steps,
                 num_images_per_prompt=job.num_images, generator=generators, output_type="pt",
                 callback_on_step_end=step_end, **kwargs)
             images = to_pil(result.images)
@@ -176,8 +177,12 @@ class DiTFamily(abc.ABC):
                                         f"{job.width}x{job.height}: {oom}")
         return images
 
+    def output_size(self, job, inputs: dict) -> tuple[int, int]:
+        """(width, height) of the images; families whose inputs have a shape may follow it."""
+        return job.width, job.height
+
     @abc.abstractmethod
-    def _call_kwargs(self, job, inputs: dict) -> dict:
+    def _call_kwargs(self, job, inputs: dict, size: tuple[int, int]) -> dict:
         """The pipeline call's keyword arguments for this job (besides callbacks and generators)."""
 
     def free_memory(self) -> None:

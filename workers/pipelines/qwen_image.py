@@ -19,7 +19,7 @@ import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageInpaintPipeline, QwenImagePipeline
 from PIL import Image
 
-from workers.pipelines.dit import DiTFamily
+from workers.pipelines.dit import MAX_SIZE, DiTFamily
 from workers.pipelines.qwen_processor import QwenImageTextProcessor
 
 MAX_SEQUENCE_LENGTH = 512   # the pipelines' default and maximum prompt length in tokens
@@ -77,20 +77,41 @@ class QwenImageFamily(DiTFamily):
             return {"image": image, "mask": mask.convert("L")}
         return {}
 
-    def _call_kwargs(self, job, inputs: dict) -> dict:
+    def output_size(self, job, inputs: dict) -> tuple[int, int]:
+        """Editing and inpainting keep the picture's shape (the first picture's, when several) at the
+        job type's pixel count, unless the payload set a size."""
+        picture = inputs["images"][0] if job.spec.mode == "edit" else inputs.get("image")
+        if picture is None or job.size_given:
+            return job.width, job.height
+        return same_shape(picture.size, job.width * job.height, self.size_multiple)
+
+    def _call_kwargs(self, job, inputs: dict, size: tuple[int, int]) -> dict:
         cfg = job.guidance > 1.0
         kwargs = {"true_cfg_scale": job.guidance, "negative_prompt": job.negative_prompt if cfg else None,
                   "max_sequence_length": MAX_SEQUENCE_LENGTH}
         if job.spec.mode == "edit":
             kwargs["image"] = list(inputs["images"])
         elif job.spec.mode == "inpaint":
-            kwargs.update(image=_fit(inputs["image"], job), mask_image=_fit(inputs["mask"], job),
+            kwargs.update(image=_fit(inputs["image"], size), mask_image=_fit(inputs["mask"], size),
                           strength=job.strength)
         return kwargs
 
 
-def _fit(image: Image.Image, job) -> Image.Image:
-    """The job's size: the pipeline preprocesses image and mask to it; resizing both alike keeps them aligned."""
-    if image.size == (job.width, job.height):
+def same_shape(size: tuple[int, int], pixels: int, multiple: int) -> tuple[int, int]:
+    """The largest (width, height) in multiples of `multiple` with `size`'s aspect and at most `pixels`."""
+    scale = (pixels / (size[0] * size[1])) ** 0.5
+    largest = MAX_SIZE // multiple * multiple
+    width, height = (min(largest, max(multiple, int(side * scale) // multiple * multiple)) for side in size)
+    if width * height > pixels:   # a side held at `multiple`: the other gives way
+        if width > height:
+            width = pixels // height // multiple * multiple
+        else:
+            height = pixels // width // multiple * multiple
+    return width, height
+
+
+def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The output size: the pipeline preprocesses image and mask to it; resizing both alike keeps them aligned."""
+    if image.size == size:
         return image
-    return image.resize((job.width, job.height), Image.Resampling.LANCZOS)
+    return image.resize(size, Image.Resampling.LANCZOS)

@@ -210,9 +210,9 @@ class WanFamily(DeferredAcceleration):
 
     def output_size(self, job, references: list[Image.Image]) -> tuple[int, int]:
         """(width, height). Image-to-video follows the reference's orientation: a portrait photo on a
-        landscape job type renders portrait, at the same size swapped."""
+        landscape job type renders portrait, at the same size swapped (unless the payload set a size)."""
         width, height = job.width, job.height
-        if self.kind == "wan_i2v" and references:
+        if self.kind == "wan_i2v" and references and not job.size_given:
             ref_w, ref_h = references[0].size
             if (ref_h > ref_w) != (height > width) and ref_h != ref_w:
                 width, height = height, width

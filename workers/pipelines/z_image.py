@@ -32,7 +32,7 @@ class ZImageFamily(DiTFamily):
     def _variants(cls, pipe) -> dict:
         return {"txt2img": pipe}
 
-    def _call_kwargs(self, job, inputs: dict) -> dict:
+    def _call_kwargs(self, job, inputs: dict, size: tuple[int, int]) -> dict:
         cfg = job.guidance > 1.0
         return {"guidance_scale": job.guidance, "negative_prompt": job.negative_prompt if cfg else None,
                 "max_sequence_length": MAX_SEQUENCE_LENGTH}
