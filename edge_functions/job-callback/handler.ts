@@ -2,9 +2,10 @@
 // or the service key, see _shared/auth.ts). Status transitions are monotonic: queued → processing →
 // completed|failed; a finished job never changes and a repeated callback is answered 200 unchanged.
 // Body: {jobId, status: processing|completed|failed, imageUrls?, filePath?, outputUrl? (old name of
-// filePath), errorMessage?} plus ignored extras (seeds, workerType...); `attempt` updates attempts.
-// `bucket` (where the outputs are) and `fallback` ({from, reason}: the job ran as its job type's
-// fallback, so its outputs are in the fallback's bucket) are kept in jobs.metadata.
+// filePath), errorMessage?} plus ignored extras (workerType...); `attempt` updates attempts. Kept
+// in jobs.metadata: `bucket` (where the outputs are), `fallback` ({from, reason}: the job ran as its
+// job type's fallback, so its outputs are in the fallback's bucket), `thumbnailPath` (a video's first
+// frame, as thumbnail_path) and `seeds` (one per output).
 import { type CallbackAuthConfig, verifyCallback } from "../_shared/auth.ts";
 import { errorResponse, guarded, json, preflight } from "../_shared/cors.ts";
 import { applyCallback, type CallbackUpdate, getJob, type Sql } from "../_shared/db.ts";
@@ -69,6 +70,11 @@ const BUCKET = /^[A-Za-z0-9_-]{1,63}$/;
 
 function callbackMetadata(b: Record<string, unknown>): Record<string, unknown> | null {
   const out: Record<string, unknown> = {};
+  if (b.thumbnailPath !== undefined && b.thumbnailPath !== null) out.thumbnail_path = outputPath(b.thumbnailPath, "thumbnailPath");
+  // The seeds are informative: a malformed list is left out rather than refusing the result.
+  if (Array.isArray(b.seeds) && b.seeds.length <= MAX_OUTPUTS && b.seeds.every((s) => Number.isSafeInteger(s) && s >= 0)) {
+    out.seeds = b.seeds;
+  }
   if (b.bucket !== undefined && b.bucket !== null) {
     if (typeof b.bucket !== "string" || !BUCKET.test(b.bucket)) throw new BadBody("bucket must be a bucket name");
     out.bucket = b.bucket;
@@ -102,7 +108,8 @@ export function createJobCallbackHandler(deps: JobCallbackDeps): (req: Request) 
     }
     const job = await getJob(deps.sql, update.jobId);
     if (!job) return errorResponse(404, `unknown jobId ${update.jobId}`);
-    const outputs = [...(update.imageUrls ?? []), ...(update.filePath ? [update.filePath] : [])];
+    const thumbnail = update.metadata?.thumbnail_path as string | undefined;
+    const outputs = [...(update.imageUrls ?? []), ...(update.filePath ? [update.filePath] : []), ...(thumbnail ? [thumbnail] : [])];
     const foreign = outputs.find((p) => !p.startsWith(`${job.user_id}/`));
     if (foreign) return errorResponse(400, `output ${JSON.stringify(foreign)} is not under the job owner's folder`);
     const row = await applyCallback(deps.sql, update);

@@ -61,6 +61,22 @@ test("a job that ran as its fallback keeps the bucket and the reason in metadata
   }
 });
 
+test("a video's thumbnail and the seeds are kept in metadata; a thumbnail outside the owner's folder is refused", async () => {
+  await reset();
+  const job = await newJob("video_fast");
+  const [mp4, thumb] = [`${job.user}/${job.id}.mp4`, `${job.user}/${job.id}_thumb.jpg`];
+  const res = await send({ jobId: job.id, status: "completed", filePath: mp4, thumbnailPath: thumb, seeds: [5], bucket: "video_fast" });
+  assertEquals([res.status, res.body.applied], [200, true]);
+  const r = await row(job.id);
+  assertEquals([r.file_path, r.metadata.thumbnail_path, r.metadata.seeds], [mp4, thumb, [5]]);
+  const other = await newJob("video_fast");
+  const odd = await send({ jobId: other.id, status: "completed", filePath: `${other.user}/v.mp4`, seeds: ["x"] });
+  assertEquals([odd.status, (await row(other.id)).metadata.seeds], [200, undefined]);   // informative only: left out
+  const third = await newJob("video_fast");
+  const foreign = await send({ jobId: third.id, status: "completed", filePath: `${third.user}/v.mp4`, thumbnailPath: `${job.user}/t.jpg` });
+  assertStrictEquals(foreign.status, 400);
+});
+
 test("filePath and its old name outputUrl are accepted", async () => {
   await reset();
   for (const key of ["filePath", "outputUrl"]) {
