@@ -190,6 +190,32 @@ def test_terminal_delivered_at_once(redis_client, cloud):
     assert not any(redis_client.exists(k) for k in (PENDING, DUE, ATTEMPTS, DEAD))
 
 
+def test_a_redis_error_after_the_commit_defers_delivery_and_never_raises(redis_client, cloud):
+    """Redis refuses writes (NOREPLICAS) right after the transaction committed, while the callback
+    is delivered: send_terminal must not raise (the caller would treat the job as not ended)."""
+    clock = Clock()
+
+    class RefusingWritesAfterFirstDelivery(HttpCallback):
+        refused = False
+
+        def deliver(self, body):
+            super().deliver(body)
+            if not self.refused:
+                self.refused = True
+                redis_client.config_set("min-replicas-to-write", 1)   # the outbox's bookkeeping now fails
+
+    outbox = outbox_for(redis_client, RefusingWritesAfterFirstDelivery(cloud.url, KEY, timeout=5), clock=clock)
+    body = completed_body("job-9", ["u/job-9_0.png"], "image")
+    try:
+        assert outbox.send_terminal("job-9", body, same_transaction=lambda pipe: pipe.hset("job:job-9", "status", "completed")) is False
+    finally:
+        redis_client.config_set("min-replicas-to-write", 0)
+    assert redis_client.hget("job:job-9", "status") == b"completed" and outbox.pending_count() == 1
+    clock.advance(3600)
+    assert outbox.deliver_due() == 1 and outbox.pending_count() == 0   # sent again later: receivers dedupe
+    assert cloud.callbacks == [body, body]
+
+
 def test_undeliverable_stays_pending_until_receiver_recovers(redis_client, cloud):
     clock, sleeps = Clock(), []
     body = failed_body("job-2", "no GPU")

@@ -49,6 +49,7 @@ def ending(tmp_path, redis_client, tiny_sdxl):
         redis_client.lpush("sdxl_queue", json.dumps(payload))
         runner.handle(queue.claim(1.0))
         return sink.seen[payload["jobId"]]
+    run.runner, run.queue = runner, queue
     return run
 
 
@@ -75,3 +76,32 @@ def test_a_payload_over_the_size_limit_fails_its_job_with_the_reason(ending, red
     seen = ending(payload)
     assert seen == {"record": b"failed", "claimed": 0, "dead": False, "pending": True}
     assert "over the 100000-byte limit" in redis_client.hget(f"job:{payload['jobId']}", "error").decode()
+
+
+def test_a_job_claimed_while_the_worker_stops_goes_back_unstarted(ending, redis_client):
+    runner, queue = ending.runner, ending.queue
+    payload = contract_payload()
+    redis_client.lpush("sdxl_queue", json.dumps(payload))
+    claim = queue.claim
+
+    def claim_as_sigterm_arrives(*args, **kwargs):   # SIGTERM lands while BLMOVE waits
+        runner.stop.graceful.set()
+        return claim(*args, **kwargs)
+
+    queue.claim = claim_as_sigterm_arrives
+    runner.serve()
+    assert redis_client.lrange("sdxl_queue", 0, -1) == [json.dumps(payload).encode()]   # served next
+    assert redis_client.llen(queue.processing) == 0 and redis_client.hget(f"job:{payload['jobId']}", "attempts") == b"0"
+    assert redis_client.hget(f"job:{payload['jobId']}", "status") is None              # never started
+
+
+def test_maintenance_requeues_an_orphaned_claim_but_not_the_one_being_finished(ending, redis_client):
+    runner, queue = ending.runner, ending.queue
+    finishing, orphan = contract_payload(), contract_payload()
+    for payload in (finishing, orphan):
+        redis_client.lpush("sdxl_queue", json.dumps(payload))
+    runner.finishing = queue.claim(1.0)   # on the finisher's thread, uploading
+    queue.claim(1.0)                      # claimed, but its BLMOVE reply was lost: nobody holds it
+    runner.maintenance(force=True)
+    assert redis_client.lrange(queue.processing, 0, -1) == [runner.finishing.raw]
+    assert [json.loads(raw)["jobId"] for raw in redis_client.lrange("sdxl_queue", 0, -1)] == [orphan["jobId"]]

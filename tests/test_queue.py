@@ -73,6 +73,26 @@ def test_reaper_requeues_the_claims_of_a_dead_worker_in_order(redis_client):
     assert JobRecords(redis_client).get("job-0")["attempts"] == "2"
 
 
+def test_a_worker_taken_for_dead_rejoins_with_its_next_heartbeat(redis_client):
+    slow = make_queue(redis_client, "slow-worker")
+    peer = make_queue(redis_client, "peer")
+    redis_client.delete("worker:slow-worker")      # an outage longer than the TTL
+    peer.reap()
+    assert b"slow-worker" not in redis_client.smembers("sdxl_queue:workers")
+    slow.heartbeat({"state": "idle"})              # back: listed again, so it can be reaped if it dies later
+    assert b"slow-worker" in redis_client.smembers("sdxl_queue:workers")
+
+
+def test_recover_own_leaves_the_claim_being_finished(redis_client):
+    q = make_queue(redis_client)
+    for i in range(3):
+        push(redis_client, f"job-{i}")
+    finishing, lost, also_lost = q.claim(1), q.claim(1), q.claim(1)
+    assert q.recover_own(keep=finishing.raw) == 2
+    assert redis_client.lrange(q.processing, 0, -1) == [finishing.raw]
+    assert [q.claim(1).job_id for _ in range(2)] == [lost.job_id, also_lost.job_id]   # oldest first, as queued
+
+
 def test_heartbeat_expires_by_ttl(redis_client):
     q = ReliableQueue(redis_client, "sdxl_queue", "short", heartbeat_ttl=0.1)
     q.register()

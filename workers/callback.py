@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import redis
 import requests
 
 from storage.base import StorageError, check_segment
@@ -244,7 +245,11 @@ class CallbackOutbox:
         if same_transaction is not None:
             same_transaction(pipe)
         pipe.execute()
-        return self.deliver_persisted(job_id, body)
+        try:
+            return self.deliver_persisted(job_id, body)
+        except redis.RedisError as exc:   # committed: the entry stays due, and deliver_due sends it
+            self.log.warning("callback for %s persisted, delivery deferred: %s", job_id, exc)
+            return False
 
     def persist(self, pipe, job_id: str, body: dict) -> None:
         """Queue the outbox entry's writes on `pipe` (a MULTI the caller executes with its own writes)."""

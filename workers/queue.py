@@ -88,8 +88,13 @@ class ReliableQueue:
         self.r.delete(self.heartbeat_key)
 
     def heartbeat(self, info: dict) -> None:
+        """Refresh our key, and (re)join the worker set: after an outage longer than the TTL a peer
+        took us for dead and removed us, and unlisted we would never be reaped again."""
         body = {"pid": os.getpid(), "host": socket.gethostname(), "queue": self.queue, "at": self.clock(), **info}
-        self.r.set(self.heartbeat_key, json.dumps(body), px=int(self.heartbeat_ttl * 1000))
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.set(self.heartbeat_key, json.dumps(body), px=int(self.heartbeat_ttl * 1000))
+            pipe.sadd(self.workers_key, self.worker_id)
+            pipe.execute()
 
     # --- claim / ack ------------------------------------------------------------------------
     def claim(self, timeout: float, prefer: Collection[str] = (), window: int = 8, max_skips: int = 3) -> Claim | None:
@@ -147,9 +152,22 @@ class ReliableQueue:
         pipe.lpush(self.dead_key, json.dumps(entry))
 
     # --- housekeeping, run by every worker between jobs -------------------------------------
-    def recover_own(self) -> int:
-        """Move our own processing list back (we hold no claim when this runs)."""
-        return _move_all(self.r, self.processing, self.queue)
+    def recover_own(self, keep: bytes | None = None) -> int:
+        """Move our own processing list back: claims whose BLMOVE reply was lost, or whose finishing
+        met a Redis error. `keep`: the claim still being finished (it stays)."""
+        if keep is None:
+            return _move_all(self.r, self.processing, self.queue)
+        moved, kept = 0, False
+        for raw in self.r.lrange(self.processing, 0, -1):   # newest first; the oldest ends rightmost
+            if raw == keep and not kept:
+                kept = True
+                continue
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.lrem(self.processing, 1, raw)
+                pipe.rpush(self.queue, raw)
+                pipe.execute()
+            moved += 1
+        return moved
 
     def reap(self) -> int:
         """Requeue the claims of registered workers whose heartbeat expired."""

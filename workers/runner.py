@@ -118,29 +118,35 @@ class Runner:
         self.finisher = Finisher() if settings.overlap_finish else None
         self.busy_since = clock()         # when the queue was last found empty
         self.compiling: str | None = None  # the model whose deferred compile is running
+        self.finishing: Claim | None = None  # the claim last handed to the finisher (set and read by the loop)
 
     # --- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
         backoff = 0.5
-        while not self.stop.graceful.is_set():
-            try:
-                self.maintenance()
-                claim = self.queue.claim(self.settings.claim_timeout, prefer=self._preferred_job_types())
-                if claim is None:
-                    self.busy_since = self.clock()
-                else:
-                    self.handle(claim)
-                if claim is None:
-                    self.accelerate_deferred()
-                elif self.clock() - self.busy_since >= ACCELERATE_AFTER_BUSY_SECONDS:
-                    self.accelerate_deferred(one_stage=True)
-                backoff = 0.5
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
-                self.stop.graceful.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-        if self.finisher is not None:
-            self.finisher.drain()     # the last job's outputs and callback, before the claims are returned
+        try:
+            while not self.stop.graceful.is_set():
+                try:
+                    self.maintenance()
+                    claim = self.queue.claim(self.settings.claim_timeout, prefer=self._preferred_job_types())
+                    if claim is not None and self.stop.graceful.is_set():   # claimed while stopping: not started
+                        self.queue.requeue(claim, count_attempt=False)
+                        break
+                    if claim is None:
+                        self.busy_since = self.clock()
+                    else:
+                        self.handle(claim)
+                    if claim is None:
+                        self.accelerate_deferred()
+                    elif self.clock() - self.busy_since >= ACCELERATE_AFTER_BUSY_SECONDS:
+                        self.accelerate_deferred(one_stage=True)
+                    backoff = 0.5
+                except redis.RedisError as exc:   # unreachable, or refusing for now (READONLY in a failover, LOADING)
+                    log.warning("redis failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                    self.stop.graceful.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            if self.finisher is not None:
+                self.finisher.drain()     # the last job's outputs and callback, before the claims are returned
 
     def accelerate_deferred(self, one_stage: bool = False) -> None:
         """compile_at: idle (job_types.yaml) — each family's deferred compile and warm-ups, between
@@ -185,8 +191,8 @@ class Runner:
         if not force and now - self._last_maintenance < self.settings.maintenance_interval:
             return
         self._last_maintenance = now
-        if self.finisher is None or self.finisher.idle():
-            self.queue.recover_own()  # a claim whose BLMOVE reply was lost in a reconnect
+        # Claims whose BLMOVE reply was lost in a reconnect, or whose finishing met a Redis error.
+        self.queue.recover_own(keep=None if self.finishing is None else self.finishing.raw)
         self.queue.reap()
         self.queue.drain_legacy()
         self.outbox.deliver_due()
@@ -231,8 +237,8 @@ class Runner:
             self.records.update(job.job_id, status="queued", phase="requeued")
         except StorageError as exc:
             self._storage_failed(claim, job, exc)
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise                                  # the job stays claimed; recovered after reconnect
+        except redis.RedisError:
+            raise                                  # the job stays claimed; recovered and run again
         except Exception as exc:                   # a bug: fail this job, keep the worker alive
             log.exception("job %s failed unexpectedly", job.job_id)
             self._fail(claim, job.job_id, f"internal error: {type(exc).__name__}: {exc}"[:500])
@@ -254,17 +260,19 @@ class Runner:
         deadline = started + job.spec.timeout_seconds
         self.records.update(job.job_id, phase="generating")
         output = family.generate(job, self._progress(job, deadline))
+        self.oom_streak = 0       # generation succeeded (counted here, on the loop's thread)
         if self.finisher is None:
             return self._finish(claim, job, output, started)
         # Encoding, upload and callback overlap the next job's generation (at most one job finishing).
         self.finisher.submit(lambda: self._finish_in_background(claim, job, output, started))
+        self.finishing = claim
 
     def _finish_in_background(self, claim: Claim, job: Job, output, started: float) -> None:
         with job_context(job.job_id):
             try:
                 self._guarded(claim, job, lambda: self._finish(claim, job, output, started))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:   # still claimed: recovered and run again
-                log.warning("job %s: redis unreachable while finishing (%s); it will run again", job.job_id, exc)
+            except redis.RedisError as exc:   # still claimed: the next maintenance requeues it, it runs again
+                log.warning("job %s: redis failed while finishing (%s); it will run again", job.job_id, exc)
 
     def _finish(self, claim: Claim, job: Job, output, started: float) -> None:
         """Store the outputs, then completed and acked in one transaction, then the callback."""
@@ -282,7 +290,6 @@ class Runner:
             bucket=job.bucket, completed_at=self.clock(), seconds=round(self.clock() - started, 3)))
         count_job(self.queue.r, job.job_type, "completed")
         observe_duration(self.queue.r, job.job_type, self.clock() - started)
-        self.oom_streak = 0
         log.info("job %s completed: %d output(s) in %.2fs", job.job_id, len(paths), self.clock() - started)
 
     def _family_for(self, job: Job):

@@ -97,6 +97,8 @@ def _start_heartbeat(queue: ReliableQueue, runner: Runner, models: dict) -> thre
                                  "models": models, "vram_bytes": vram_in_use()})
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:   # e.g. a CUDA fault reading the VRAM figure: keep beating, or peers reap live claims
+                log.exception("heartbeat report failed")
             stop.wait(max(queue.heartbeat_ttl / 3, 0.05))
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
