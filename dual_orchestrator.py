@@ -50,7 +50,10 @@ def cmd_run(args) -> int:
     log.info("outputs: %s; queues: %s", mode, ", ".join(w.queue for w in catalog.workers.values()))
 
     repo = Path(__file__).resolve().parent
-    specs = [ProcessSpec(name=name, argv=[sys.executable, "-m", f"workers.{name}_worker"], env={**env, "PYTHONPATH": str(repo)})
+    # A WORKER_ID set for the pod names both workers: each gets its own (one heartbeat key each).
+    ids = {name: {"WORKER_ID": f"{env['WORKER_ID']}-{name}"} if env.get("WORKER_ID") else {} for name in args.workers}
+    specs = [ProcessSpec(name=name, argv=[sys.executable, "-m", f"workers.{name}_worker"],
+                         env={**env, "PYTHONPATH": str(repo), **ids[name]})
              for name in args.workers]
     gateway = _gateway_spec(settings, {**env, "PYTHONPATH": str(repo)})
     if gateway is not None:
@@ -82,16 +85,16 @@ def cmd_run(args) -> int:
 
 def _gateway_spec(settings, env: dict):
     """The RYLA gateway (gateway/) as a third supervised process, when GATEWAY_ENABLED=1."""
-    from gateway.settings import GatewaySettings
+    from gateway.settings import TRUE, GatewaySettings
     from workers.supervisor import ProcessSpec
 
+    if (env.get("GATEWAY_ENABLED") or "").lower() not in TRUE:   # its settings matter only when it runs
+        return None
     try:
         gateway = GatewaySettings.from_env(env, settings)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         sys.exit(78)
-    if not gateway.enabled:
-        return None
     log.info("RYLA gateway on http://%s:%d", gateway.host, gateway.port)
     return ProcessSpec(name="gateway", argv=[sys.executable, "-m", "gateway"], env=env, ready_timeout=120)
 

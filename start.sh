@@ -8,12 +8,24 @@ cd "$(dirname "$0")"
 
 demo=0
 if [ "${1:-}" = "--demo" ]; then demo=1; shift; fi
+if [ "$demo" = 1 ]; then
+  # The demo serves noise from random weights: never on the pod's real queues, storage or callbacks.
+  unset REDIS_URL UPSTASH_REDIS_REST_URL UPSTASH_REDIS_REST_TOKEN SUPABASE_URL SUPABASE_SERVICE_KEY \
+        SUPABASE_SERVICE_ROLE_KEY CALLBACK_SECRET GATEWAY_ENABLED
+fi
+
+# The lock is resolved for CPython 3.11 (tools/lock.sh): its wheels install on no other version.
+python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "requirements.lock needs Python 3.11; $python is $("$python" -V 2>&1). Set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
 
 # A venv on the network volume survives pod restarts; elsewhere it lives in the checkout.
 if [ -z "${VENV:-}" ]; then
   if [ -d /workspace ] && [ -w /workspace ]; then VENV=/workspace/venv; else VENV=.venv; fi
 fi
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
 want=$(sha256sum requirements.lock | cut -d' ' -f1)
 if [ "$(cat "$VENV/.requirements.lock.sha256" 2>/dev/null || true)" != "$want" ]; then
   echo "installing requirements.lock into $VENV"

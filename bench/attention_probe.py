@@ -81,6 +81,7 @@ def main(argv=None) -> int:
             print(f"{r['shape']:32} {r['backend']:10} {'-':>9} {'-':>8}  {r['error']}")
         else:
             print(f"{r['shape']:32} {r['backend']:10} {r['ms']:9.3f} {r['tflops']:8.1f} {r['rel_err_vs_fp32']:9.2e}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}, fh, indent=1)
     return 0

@@ -123,6 +123,7 @@ def kernel_profile(vae, latents) -> dict:
 def write(path: str, latents, rows: list[dict], profile: dict) -> None:
     result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "latents": list(latents.shape),
               "rows": rows, "fp32_eager_profile": profile}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
 

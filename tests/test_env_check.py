@@ -149,3 +149,16 @@ def test_workers_ask_for_expandable_segments_unless_the_operator_chose():
         chosen = {key: "max_split_size_mb:512"}
         use_expandable_segments(chosen)
         assert chosen == {key: "max_split_size_mb:512"}
+
+
+def test_redis_settings_upstash_pair_or_embedded():
+    import pytest
+
+    from workers.config import ConfigError
+
+    upstash = Settings.from_env({"UPSTASH_REDIS_REST_URL": "https://eu1-able-cat-1234.upstash.io",
+                                 "UPSTASH_REDIS_REST_TOKEN": "tok"})
+    assert upstash.redis_url == "rediss://default:tok@eu1-able-cat-1234.upstash.io:6379" and not upstash.embedded_redis
+    with pytest.raises(ConfigError, match="UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN must be set together"):
+        Settings.from_env({"UPSTASH_REDIS_REST_URL": "https://eu1-able-cat-1234.upstash.io"})
+    assert Settings.from_env({}).embedded_redis

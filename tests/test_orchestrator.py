@@ -109,3 +109,47 @@ def test_run_submit_watch_and_stop(daemon):
 def test_submit_refuses_an_unknown_job_type(tmp_path):
     result = cli({**os.environ, "DATA_DIR": str(tmp_path)}, "submit", "sdxl_image_ultra", "x")
     assert result.returncode == 2 and "unknown job type" in result.stderr
+
+
+def test_start_sh_demo_stays_local_on_a_configured_pod(tmp_path):
+    """README's first command on a pod whose environment names production Redis and Supabase: the
+    demo's noise must reach neither. It also names the workers apart when WORKER_ID is set."""
+    from tests.supabase_standin import SupabaseStandin
+
+    venv = tmp_path / "venv"                      # the installed stack, as start.sh finds it
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".requirements.lock.sha256").write_text(
+        subprocess.run(["sha256sum", "requirements.lock"], cwd=REPO, capture_output=True, text=True).stdout.split()[0])
+    port = free_port()
+    with SupabaseStandin(service_key="production-key") as production:
+        env = {**os.environ, "VENV": str(venv), "PYTHON": str(venv / "bin" / "python"), "DATA_DIR": str(tmp_path / "data"),
+               "EMBEDDED_REDIS_PORT": str(port), "HEALTH_PORT": str(free_port()), "DEVICE": "cpu",
+               "REDIS_URL": "redis://127.0.0.1:1/0", "SUPABASE_URL": production.url,
+               "SUPABASE_SERVICE_KEY": "production-key", "WORKER_ID": "pod-7", "WATCH_TIMEOUT": "120"}
+        log = open(tmp_path / "start.log", "wb")
+        proc = subprocess.Popen(["bash", "start.sh", "--demo"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = redis.Redis(port=port)
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if sorted(client.keys("worker:*")) == [b"worker:pod-7-image", b"worker:pod-7-video"] and \
+                            all(b'"idle"' in client.get(k) for k in client.keys("worker:*")):
+                        break
+                except redis.ConnectionError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "start.log").read_text()[-4000:]
+                time.sleep(0.2)
+            local = {k: v for k, v in env.items() if k not in ("REDIS_URL", "SUPABASE_URL", "SUPABASE_SERVICE_KEY")}
+            done = cli(local, "submit", "sdxl_image_fast", "a lighthouse", "--num-images", "1", "--wait")
+            assert done.returncode == 0, done.stdout + done.stderr
+            png = done.stdout.splitlines()[-1]
+            assert png.startswith(str(tmp_path / "data" / "storage")) and Image.open(png).size == (256, 256)
+            assert production.requests == []
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            exit_code = proc.wait(60)
+            log.close()
+    assert exit_code == 0

@@ -322,7 +322,9 @@ class Settings:
         port = int(env.get("EMBEDDED_REDIS_PORT") or 6390)
         redis_url = env.get("REDIS_URL") or ""
         embedded = False
-        if not redis_url and env.get("UPSTASH_REDIS_REST_URL") and env.get("UPSTASH_REDIS_REST_TOKEN"):
+        if not redis_url and bool(env.get("UPSTASH_REDIS_REST_URL")) != bool(env.get("UPSTASH_REDIS_REST_TOKEN")):
+            raise ConfigError("UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN must be set together")
+        if not redis_url and env.get("UPSTASH_REDIS_REST_URL"):
             redis_url = upstash_redis_url(env["UPSTASH_REDIS_REST_URL"], env["UPSTASH_REDIS_REST_TOKEN"])
         if not redis_url:
             redis_url, embedded = f"redis://127.0.0.1:{port}/0", True

@@ -1,5 +1,6 @@
-"""Start-up check of the software stack, the GPU and the settings. start.sh runs
-`python -m workers.env_check` and stops on exit code 1.
+"""Start-up check of the software stack, the GPU and the settings. `dual_orchestrator.py run` runs
+it first and stops on a fatal finding; `python -m workers.env_check` (or `dual_orchestrator.py check`)
+prints the same report and exits 1 on one.
 
 torch is imported inside functions only: importing this module touches no GPU.
 The comparisons are pure functions of version strings, so tests can feed them any stack.
