@@ -124,21 +124,28 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
         if ryla.trigger_word and "loras" in inputs and ryla.trigger_word not in ryla.prompt:
             ryla.prompt = f"{ryla.trigger_word}, {ryla.prompt}"   # what RYLA's LoRA endpoints do
         queue = catalog.queue_of(spec.name)
-        waiting = await client.llen(queue)
-        if waiting >= gateway.max_queue_depth:
-            raise GatewayError(503, f"{waiting} jobs are waiting for {queue}; retry later",
-                               {"Retry-After": str(max(1, round(spec.expected_seconds)))})
         key = request.headers.get("idempotency-key")
         job_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{endpoint}\n{key}")) if key else str(uuid.uuid4())
+        marker = f"gateway:idempotency:{job_id}"
+        joins = bool(key) and bool(await client.exists(marker))   # a retry joins its job, full queue or not
+        waiting = await client.llen(queue)
+        if waiting >= gateway.max_queue_depth and not joins:
+            raise GatewayError(503, f"{waiting} jobs are waiting for {queue}; retry later",
+                               {"Retry-After": str(max(1, round(spec.expected_seconds)))})
         payload = new_payload(catalog, spec.name, ryla.prompt, gateway.user_id, num_images=1, job_id=job_id, **inputs)
         try:
             parse_job(payload, catalog)       # the worker's own checks, prompt policy included
         except JobRejected as exc:
             raise GatewayError(400, exc.reason) from None
         # A retried request with the same key joins the first one's job (SET NX: one enqueue per key).
-        if not key or await client.set(f"gateway:idempotency:{job_id}", "1", nx=True, ex=JOB_RECORD_TTL):
-            await enqueue(client, catalog, payload, rylaEndpoint=endpoint, rylaOutput=entry.output,
-                          rylaFps=ryla.fps or spec.fps or 16)
+        if not key or await client.set(marker, "1", nx=True, ex=JOB_RECORD_TTL):
+            try:
+                await enqueue(client, catalog, payload, rylaEndpoint=endpoint, rylaOutput=entry.output,
+                              rylaFps=ryla.fps or spec.fps or 16)
+            except BaseException:   # not queued: a retry with this key must queue it, not wait for nothing
+                if key:
+                    await client.delete(marker)
+                raise
             log.info("/%s: job %s queued on %s", endpoint, job_id, queue)
         return await answer(job_id, await wait_for_job(client, job_id, gateway.wait_seconds))
 

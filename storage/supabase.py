@@ -30,6 +30,19 @@ def server_message(response: requests.Response) -> str:
     return (response.text or response.reason or "").strip()[:300]
 
 
+def effective_status(response: requests.Response) -> int:
+    """Storage has answered HTTP 400 for every error, the real code in the body's `statusCode`
+    (a 503 or 429 there is worth a retry); newer versions send it as the HTTP status."""
+    if response.status_code == 400:
+        try:
+            code = response.json().get("statusCode")
+        except (ValueError, AttributeError):
+            code = None
+        if isinstance(code, (str, int)) and str(code).isdigit() and 400 <= int(code) < 600:
+            return int(code)
+    return response.status_code
+
+
 class SupabaseStorage:
     def __init__(self, url: str, service_key: str, timeout: float = 30.0, max_attempts: int = 5,
                  sleep: Callable[[float], None] = time.sleep, backoff_base: float = 0.5, backoff_cap: float = 8.0,
@@ -71,8 +84,9 @@ class SupabaseStorage:
             else:
                 if 200 <= response.status_code < 300:
                     return f"{user_id}/{filename}"
+                status = effective_status(response)
                 message = f"HTTP {response.status_code}: {server_message(response)}"
-                if response.status_code < 500 and response.status_code not in RETRYABLE_4XX:
+                if status < 500 and status not in RETRYABLE_4XX:
                     raise StorageError(f"upload of {where} refused: {message}", retryable=False)
                 last = message
             if attempt < self.max_attempts:

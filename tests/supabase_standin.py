@@ -50,6 +50,7 @@ class _Fault:
     status: int | None = None
     seconds: float = 0.0
     until: float | None = None  # a time-bound outage (time.monotonic()); `remaining` is then ignored
+    http_status: int | None = None  # the HTTP status sent when it differs from the body's statusCode
 
 
 class SupabaseStandin:
@@ -97,9 +98,10 @@ class SupabaseStandin:
         self.stop()
 
     # --- fault injection ---------------------------------------------------------------------------
-    def fail_next(self, path_prefix: str, count: int, status: int = 503) -> None:
+    def fail_next(self, path_prefix: str, count: int, status: int = 503, http_status: int | None = None) -> None:
+        """`http_status`: Storage's older answer, HTTP 400 with the real code in the body's statusCode."""
         with self.lock:
-            self._faults.append(_Fault(path_prefix, count, status=status))
+            self._faults.append(_Fault(path_prefix, count, status=status, http_status=http_status))
 
     def hang_next(self, path_prefix: str, count: int, seconds: float) -> None:
         with self.lock:
@@ -172,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
             cloud.requests.append(Recorded(method, path, headers, body))
         fault = cloud._take_fault(path)
         if fault is not None and fault.status is not None:
-            return self._reply(fault.status, {"statusCode": str(fault.status), "error": "Injected",
+            return self._reply(fault.http_status or fault.status, {"statusCode": str(fault.status), "error": "Injected",
                                               "message": f"injected HTTP {fault.status}"})
         if fault is not None:
             time.sleep(fault.seconds)

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 import redis
@@ -121,6 +122,40 @@ def test_a_full_queue_answers_503_with_retry_after(gateway):
         gateway.redis.delete("sdxl_queue")
     assert response.status_code == 503 and response.headers["retry-after"] == "5"   # sdxl_image_fast's 5 s
     assert "2 jobs are waiting for sdxl_queue" in response.json()["detail"]
+
+
+def test_an_idempotent_retry_joins_its_job_even_when_the_queue_is_full(gateway):
+    from gateway.app import IDEMPOTENCY_NAMESPACE
+
+    key = uuid.uuid4().hex
+    job_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"sdxl-lightning\n{key}"))
+    gateway.redis.set(f"gateway:idempotency:{job_id}", "1")      # the first request queued it
+    gateway.redis.lpush("sdxl_queue", "waiting-1", "waiting-2")
+    try:
+        with gateway.process.client() as http:
+            joined = http.post("/sdxl-lightning", json={"prompt": "x"}, headers={"Idempotency-Key": key})
+            fresh = http.post("/sdxl-lightning", json={"prompt": "x"}, headers={"Idempotency-Key": uuid.uuid4().hex})
+    finally:
+        gateway.redis.delete("sdxl_queue", f"gateway:idempotency:{job_id}")
+    assert joined.status_code == 303 and joined.headers["X-Job-Id"] == job_id   # waits for its job
+    assert fresh.status_code == 503
+
+
+def test_a_request_whose_enqueue_fails_leaves_its_key_free_for_the_retry(gateway):
+    from gateway.app import IDEMPOTENCY_NAMESPACE
+
+    key = uuid.uuid4().hex
+    job_id = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"sdxl-lightning\n{key}"))
+    gateway.redis.set(f"job:{job_id}", "not a hash")   # Redis refuses the enqueue's record (WRONGTYPE)
+    try:
+        with gateway.process.client() as http:
+            failed = http.post("/sdxl-lightning", json={"prompt": "x"}, headers={"Idempotency-Key": key})
+    finally:
+        gateway.redis.delete(f"job:{job_id}", "sdxl_queue")
+    assert failed.status_code == 503 and "retry later" in failed.json()["detail"]
+    # Free for the retry: it enqueues again. The job id comes from the key, so were the first push
+    # applied after all, the worker would meet the same job twice and acknowledge the repeat.
+    assert not gateway.redis.exists(f"gateway:idempotency:{job_id}")
 
 
 def test_health_is_503_without_live_workers(gateway):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
+import socket
 import struct
 import threading
 import time
@@ -131,11 +133,13 @@ def test_image_limits_from_catalog():
 
 class _Handler(BaseHTTPRequestHandler):
     routes: dict = {}
+    hosts: list = []      # the Host header of each request
 
     def log_message(self, *args):  # keep test output clean
         pass
 
     def do_GET(self):
+        self.hosts.append(self.headers.get("Host"))
         route = self.routes.get(self.path)
         if route is None:
             self.send_error(404, "not found")
@@ -204,19 +208,56 @@ def test_a_redirect_to_a_private_host_is_refused(_loopback_server, monkeypatch):
     from workers import media
 
     checked = []
-    real = media._refuse_private_host
+    real = media._connect_address
 
-    def public_first_hop(url):   # the first hop stands for a public host; the redirect target is checked for real
-        checked.append(url)
+    def public_first_hop(host):   # the first hop stands for a public host; the redirect target is checked for real
+        checked.append(host)
         if len(checked) > 1:
             monkeypatch.delenv("ALLOW_PRIVATE_INPUT_URLS", raising=False)
-        real(url)
+        return real(host)
 
     monkeypatch.setenv("ALLOW_PRIVATE_INPUT_URLS", "1")
-    monkeypatch.setattr(media, "_refuse_private_host", public_first_hop)
+    monkeypatch.setattr(media, "_connect_address", public_first_hop)
     with pytest.raises(ValueError, match="not a public address"):
         load(f"{_loopback_server}/moved")
-    assert checked[1].endswith("/ok.png")
+    assert checked == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_a_url_two_parsers_read_apart_is_refused_before_any_request(_loopback_server, monkeypatch):
+    """urlsplit reads example.com, an HTTP client would connect to the loopback server."""
+    monkeypatch.delenv("ALLOW_PRIVATE_INPUT_URLS", raising=False)
+    port = _loopback_server.rsplit(":", 1)[1]
+    with pytest.raises(ValueError, match="backslash"):
+        load(f"http://127.0.0.1:{port}\\@example.com/ok.png")
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(_loopback_server, monkeypatch):
+    """DNS rebinding: a name that answers a public address when checked and loopback a moment
+    later. The download must connect to the checked address, never look the name up again."""
+    real = socket.getaddrinfo
+    answers = []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        answers.append(host)
+        address = "192.0.2.10" if len(answers) == 1 else "127.0.0.1"   # TEST-NET-1, then the pod itself
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0))]
+
+    monkeypatch.delenv("ALLOW_PRIVATE_INPUT_URLS", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(ipaddress.IPv4Address, "is_global", property(lambda ip: str(ip) == "192.0.2.10"))
+    port = _loopback_server.rsplit(":", 1)[1]
+    with pytest.raises(ValueError, match="download failed|timed out"):
+        load(f"http://rebind.example:{port}/ok.png", timeout=1)
+    assert answers == ["rebind.example"]                   # looked up once: the connection went to 192.0.2.10
+
+
+def test_the_request_carries_the_urls_host(_loopback_server, monkeypatch):
+    monkeypatch.setenv("ALLOW_PRIVATE_INPUT_URLS", "1")
+    port = _loopback_server.rsplit(":", 1)[1]
+    assert load(f"http://localhost:{port}/ok.png").size == (20, 10)   # connected to 127.0.0.1 (IPv4 first)
+    assert _Handler.hosts[-1] == f"localhost:{port}"
 
 
 def test_http_url_downloads_and_decodes(http_server):

@@ -227,5 +227,10 @@ def test_a_lora_url_downloads_once_by_content_within_the_limit(library, tiny_ima
         assert downloader._download(f"{base}/redirect?to={base}/style.safetensors") == resolved
         with pytest.raises(ValueError, match="host 'localhost' is not allowed"):
             downloader._download(f"{base}/redirect?to=http://localhost:{server.server_port}/style.safetensors")
+        # An allow-listed name after a backslash: requests would connect to the host before it.
+        other = LoraLibrary(library.folder, url_hosts=("huggingface.co",), max_bytes=1_000_000,
+                            download_dir=library.download_dir, timeout=5)
+        with pytest.raises(ValueError, match="backslash"):
+            other._download(f"http://127.0.0.1:{server.server_port}\\@huggingface.co/style.safetensors")
     finally:
         server.shutdown()

@@ -175,6 +175,18 @@ def test_supabase_retries_503_then_succeeds(cloud):
     assert cloud.objects["sdxl_image_fast/u/f.png"][0] == PNG
 
 
+def test_supabase_retries_a_503_sent_as_http_400(cloud):
+    """Storage's older answer: HTTP 400, the real code in the body's statusCode."""
+    cloud.fail_next(STORAGE_PREFIX, 2, status=503, http_status=400)
+    store, sleeps = supabase(cloud)
+    assert store.upload("sdxl_image_fast", "u", "f.png", PNG, "image/png") == "u/f.png"
+    assert len(cloud.requests) == 3 and len(sleeps) == 2
+    cloud.fail_next(STORAGE_PREFIX, 1, status=403, http_status=400)      # a real refusal stays final
+    with pytest.raises(StorageError) as err:
+        store.upload("sdxl_image_fast", "u", "g.png", PNG, "image/png")
+    assert err.value.retryable is False and "HTTP 400" in str(err.value)
+
+
 @pytest.mark.parametrize("case", ["injected-400", "bad-key", "unknown-bucket"])
 def test_supabase_never_retries_client_errors(cloud, case):
     key, bucket = KEY, "sdxl_image_fast"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urljoin, urlsplit
 
+import certifi
 import numpy as np
-import requests
 import urllib3
 from PIL import Image, ImageOps
 
@@ -84,59 +84,100 @@ def _decode_data_uri(source: str, max_bytes: int) -> bytes:
     return data
 
 
-def _refuse_private_host(url: str) -> None:
-    """Input URLs come from users: never let them reach the pod's own network (SSRF).
-    ALLOW_PRIVATE_INPUT_URLS=1 lifts this for tests and private deployments."""
-    if os.environ.get("ALLOW_PRIVATE_INPUT_URLS", "") in ("1", "true", "yes"):
-        return
-    host = urlsplit(url).hostname
-    if not host:
-        raise ValueError("init image URL has no host")
+def request_target(url: str, what: str) -> urllib3.util.Url:
+    """The URL as the HTTP client will send it. Refused when two URL parsers would read it apart
+    (`http://127.0.0.1:8080\\@example.com/` is example.com to urlsplit, loopback to urllib3): every
+    host check must look at the host the connection goes to."""
+    if any(ch in url for ch in "\\ \t\r\n"):
+        raise ValueError(f"{what} URL contains a backslash or whitespace")
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        target = urllib3.util.parse_url(url)
+    except urllib3.exceptions.LocationParseError:
+        raise ValueError(f"{what} URL cannot be parsed") from None
+    host = (target.host or "").strip("[]").lower()
+    if target.scheme not in ("http", "https") or not host or host != (urlsplit(url).hostname or "").lower():
+        raise ValueError(f"{what} URL must be a plain http(s) URL with a host")
+    return target
+
+
+def _connect_address(host: str) -> str:
+    """The address to connect to. Input URLs come from users: every address of the name must be
+    public (SSRF), and the connection goes to the address checked here, so a second DNS answer
+    cannot send it elsewhere (DNS rebinding). ALLOW_PRIVATE_INPUT_URLS=1 lifts the check for tests
+    and private deployments."""
+    try:
+        addresses = [info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
     except OSError:
         raise ValueError(f"init image host {host[:100]!r} does not resolve") from None
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global:
-            raise ValueError(f"init image host {host[:100]!r} is not a public address")
+    if os.environ.get("ALLOW_PRIVATE_INPUT_URLS", "") not in ("1", "true", "yes"):
+        for address in addresses:
+            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+                raise ValueError(f"init image host {host[:100]!r} is not a public address")
+    return sorted(addresses, key=lambda a: ":" in a)[0]   # IPv4 first
+
+
+def _open(url: str, timeout: float) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
+    """One GET (no redirects followed) to the checked address, with the URL's own Host and TLS name."""
+    target = request_target(url, "init image")
+    host = target.host.strip("[]")
+    address = _connect_address(host)
+    limits = urllib3.Timeout(connect=timeout, read=timeout)
+    if target.scheme == "https":
+        pool = urllib3.HTTPSConnectionPool(address, target.port or 443, timeout=limits, retries=False,
+                                           cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
+                                           assert_hostname=host, server_hostname=host)
+    else:
+        pool = urllib3.HTTPConnectionPool(address, target.port or 80, timeout=limits, retries=False)
+    headers = {"Host": target.netloc, "Accept": "image/*", "User-Agent": "ourvidz-worker"}
+    try:
+        response = pool.urlopen("GET", target.request_uri, headers=headers, redirect=False,
+                                preload_content=False, decode_content=True, assert_same_host=False)
+    except BaseException:
+        pool.close()
+        raise
+    return pool, response
 
 
 def _download(url: str, max_bytes: int, timeout: float) -> bytes:
-    """GET with a byte cap and an overall deadline. requests' own timeout bounds each socket read
-    only, so a server dripping bytes could hold the worker forever; read1() returns whatever has
-    arrived, which lets the deadline be checked after every read. Redirects are followed by hand
-    so that every hop's host is checked."""
+    """GET with a byte cap and an overall deadline. A socket timeout bounds each read only, so a
+    server dripping bytes could hold the worker forever; read1() returns whatever has arrived,
+    which lets the deadline be checked after every read. Redirects are followed by hand so that
+    every hop's host is checked."""
     deadline = time.monotonic() + timeout
     chunks, size = [], 0
-    with requests.Session() as session:
-        try:
-            for _ in range(_MAX_REDIRECTS + 1):
-                _refuse_private_host(url)
-                response = session.get(url, stream=True, timeout=timeout, allow_redirects=False)
-                if not response.is_redirect:
-                    break
-                url = urljoin(url, response.headers["Location"])
-                response.close()
-            else:
-                raise ValueError(f"init image URL redirects more than {_MAX_REDIRECTS} times")
-            with response:
-                if response.status_code >= 400:
-                    raise ValueError(f"init image download failed: HTTP {response.status_code} from {url[:200]}")
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > max_bytes:
-                    raise ValueError(f"init image is {declared} bytes, over the {max_bytes}-byte limit")
-                while chunk := response.raw.read1(_CHUNK, decode_content=True):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise ValueError(f"init image is over the {max_bytes}-byte limit")
-                    if time.monotonic() > deadline:
-                        raise ValueError(f"init image download took longer than {timeout:g} s")
-                    chunks.append(chunk)
-        except (requests.Timeout, urllib3.exceptions.TimeoutError):
-            raise ValueError(f"init image download timed out after {timeout:g} s") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ValueError(f"init image download failed: {type(exc).__name__}") from None
+    pool = None
+    try:
+        for _ in range(_MAX_REDIRECTS + 1):
+            pool, response = _open(url, timeout)
+            location = response.headers.get("Location") if response.status in (301, 302, 303, 307, 308) else None
+            if location is None:
+                break
+            url = urljoin(url, location)
+            response.release_conn()
+            pool.close()
+        else:
+            raise ValueError(f"init image URL redirects more than {_MAX_REDIRECTS} times")
+        if response.status >= 400:
+            raise ValueError(f"init image download failed: HTTP {response.status} from {url[:200]}")
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise ValueError(f"init image is {declared} bytes, over the {max_bytes}-byte limit")
+        while chunk := response.read1(_CHUNK, decode_content=True):
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"init image is over the {max_bytes}-byte limit")
+            if time.monotonic() > deadline:
+                raise ValueError(f"init image download took longer than {timeout:g} s")
+            chunks.append(chunk)
+    except urllib3.exceptions.NewConnectionError:   # a subclass of the timeout error: refused, unreachable
+        raise ValueError("init image download failed: cannot connect") from None
+    except urllib3.exceptions.TimeoutError:
+        raise ValueError(f"init image download timed out after {timeout:g} s") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ValueError(f"init image download failed: {type(exc).__name__}") from None
+    finally:
+        if pool is not None:
+            pool.close()
     if not chunks:
         raise ValueError("init image download returned no data")
     return b"".join(chunks)

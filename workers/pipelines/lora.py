@@ -23,12 +23,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 import torch
 
 from workers.job import LoraRequest
+from workers.media import request_target
 
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
@@ -105,7 +106,7 @@ class LoraLibrary:
         return self._digests[key]
 
     def _allowed(self, url: str) -> None:
-        host = (urlsplit(url).hostname or "").lower()
+        host = request_target(url, "LoRA").host.lower()   # the host requests connects to
         if not self.url_hosts or host not in self.url_hosts:
             allowed = ", ".join(self.url_hosts) or "none: set LORA_URL_HOSTS"
             raise ValueError(f"LoRA URL host {host[:100]!r} is not allowed (allowed: {allowed})")
