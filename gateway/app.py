@@ -82,6 +82,9 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
                                                int(record.get("rylaFps") or 16))
             except StorageError as exc:
                 raise GatewayError(502, f"could not read the job's output: {exc}") from None
+            except (OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:   # decoding, ffmpeg, a record without outputs
+                log.exception("job %s: converting its output failed", job_id)
+                raise GatewayError(500, f"could not convert the job's output: {type(exc).__name__}: {exc}"[:500]) from None
             headers = cost_headers(job_id, record, gateway.price_per_gpu_hour, gpu_type)
             return Response(data, media_type=MEDIA_TYPES[record["rylaOutput"]], headers=headers)
         if status == "failed":

@@ -40,6 +40,8 @@ def test_the_ryla_section_is_validated(tmp_path):
         load_catalog(catalog_with(tmp_path, {"Bad/Name": {"job_type": "video_fast", "output": "webp"}}))
     with pytest.raises(ConfigError, match=r"ryla.wan2.output"):
         load_catalog(catalog_with(tmp_path, {"wan2": {"job_type": "video_fast", "output": "gif"}}))
+    with pytest.raises(ConfigError, match=r"ryla.wan2.output: video_fast makes videos, answered as webp or mp4, not jpeg"):
+        load_catalog(catalog_with(tmp_path, {"wan2": {"job_type": "video_fast", "output": "jpeg"}}))
     pending = load_catalog(catalog_with(tmp_path, {"flux": {"job_type": "flux_dev", "output": "jpeg", "needs": "Flux"}}))
     assert pending.ryla["flux"].needs == "Flux" and pending.job_type("flux_dev") is None
 

@@ -157,6 +157,9 @@ class JobTypeSpec(_Strict):
         return self
 
 
+RYLA_OUTPUTS = {"image": ("jpeg", "png"), "video": ("webp", "mp4")}   # what gateway/results.py renders
+
+
 class RylaEndpoint(_Strict):
     """One of RYLA's synchronous endpoints (CONTRACT.md, second part), served by the gateway (gateway/).
 
@@ -187,6 +190,10 @@ class Catalog(_Strict):
             if endpoint.job_type not in self.job_types and not endpoint.needs:
                 raise ValueError(f"ryla.{name}.job_type: unknown job type {endpoint.job_type!r} "
                                  "(name one of job_types, or say what is missing in `needs`)")
+            served = self.job_types.get(endpoint.job_type)
+            if served is not None and endpoint.output not in RYLA_OUTPUTS[served.content]:
+                raise ValueError(f"ryla.{name}.output: {endpoint.job_type} makes {served.content}s, answered as "
+                                 f"{' or '.join(RYLA_OUTPUTS[served.content])}, not {endpoint.output}")
         for name, spec in self.job_types.items():
             where = f"job_types.{name}"
             if not SAFE_SEGMENT.match(name):
