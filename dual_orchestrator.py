@@ -30,6 +30,7 @@ def cmd_run(args) -> int:
     from workers.embedded_redis import EmbeddedRedis
     from workers.env_check import check_environment, fatal, format_findings
     from workers.preload import PreloadedSpawner
+    from workers.queue import daemon_worker_id
     from workers.supervisor import ProcessSpec, Supervisor, popen_spawn
     from workers.worker_process import setup_logging
 
@@ -50,10 +51,8 @@ def cmd_run(args) -> int:
     log.info("outputs: %s; queues: %s", mode, ", ".join(w.queue for w in catalog.workers.values()))
 
     repo = Path(__file__).resolve().parent
-    # A WORKER_ID set for the pod names both workers: each gets its own (one heartbeat key each).
-    ids = {name: {"WORKER_ID": f"{env['WORKER_ID']}-{name}"} if env.get("WORKER_ID") else {} for name in args.workers}
     specs = [ProcessSpec(name=name, argv=[sys.executable, "-m", f"workers.{name}_worker"],
-                         env={**env, "PYTHONPATH": str(repo), **ids[name]})
+                         env={**env, "PYTHONPATH": str(repo), "WORKER_ID": daemon_worker_id(name, env)})
              for name in args.workers]
     gateway = _gateway_spec(settings, {**env, "PYTHONPATH": str(repo)})
     if gateway is not None:
@@ -126,6 +125,8 @@ def _publish_status(supervisor, settings, catalog, redis_url: str, stop: threadi
                 rescuer.check(statuses)
             except redis.RedisError as exc:
                 log.warning("could not publish the supervisor status: %s", exc)
+            except Exception:   # this thread also restarts Redis and rescues queues: it must outlive any bug
+                log.exception("status pass failed")
             stop.wait(2.0)
 
     threading.Thread(target=loop, name="status", daemon=True).start()

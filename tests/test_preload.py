@@ -28,7 +28,7 @@ def spawn():
 
 def start(spawn, tmp_path, **env):
     out = tmp_path / "report.json"
-    full = {**os.environ, "PRELOAD_TEST_OUT": str(out), **env}
+    full = {**{k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}, "PRELOAD_TEST_OUT": str(out), **env}
     return spawn([sys.executable, "-m", TARGET], full), out
 
 
@@ -59,6 +59,7 @@ def test_child_runs_as_main_with_its_env_and_preloaded_modules(spawn, tmp_path):
     report = wait_for(out)
     assert report["pid"] == proc.pid and report["env"] == "hello" and report["name"] == "__main__"
     assert report["comm"] == "target"   # ps shows the worker's name, not the fork server's command line
+    assert report["alloc_conf"] == "expandable_segments:True"   # set before the child's CUDA check
     # Imported by the fork server, not by this child and not by the test process.
     assert report["marker_imported_in"] not in (report["pid"], os.getpid())
 

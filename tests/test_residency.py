@@ -237,3 +237,34 @@ def test_start_up_plan_counts_a_shared_text_encoder_once(tiny_image_models):
     together = disk_bytes(qwen, counted) + disk_bytes(edit, counted)
     shared = weights(edit / "text_encoder") + weights(edit / "vae")
     assert shared > 0 and together == disk_bytes(qwen) + disk_bytes(edit) - shared
+
+
+def test_a_model_pinned_by_its_deferred_cuda_graphs_gives_back_its_host_copy(tiny_image_models, catalog):
+    """CUDA graphs (GPU only) pin a model to the device for good: the host copy made when it was
+    moved out earlier is never used again and must not hold RAM. The capture is stood in for here."""
+    def opts(path):
+        return LoadOptions(model_path=path, config_path=None, device="cpu", cache_dir=None)
+
+    loaders = {"qwen": lambda: QwenImageFamily.load(opts(tiny_image_models.qwen), kind="qwen_image"),
+               "zimage": lambda: ZImageFamily.load(opts(tiny_image_models.zimage))}
+    size = sizes(loaders)
+    residency = Residency(loaders, "cpu", budget_bytes=max(size.values()), host_reserve_bytes=0, host_copies=True)
+    families = ResidentFamilies(residency)
+    run(families, "zimage", job(catalog, "z_image_turbo"))
+    run(families, "qwen", job(catalog, "qwen_image_2512"))        # Z-Image out: its host copy made
+    run(families, "zimage", job(catalog, "z_image_turbo"))        # back on the device, the copy kept
+    z_modules = {id(m) for m in residency.entries["zimage"].modules}
+    assert z_modules & set(residency.hosts)
+
+    family = residency.entries["zimage"].family
+
+    class CapturesGraphs:
+        def accelerate_deferred(self, pause):
+            family.graphed = object()            # what SDXL's capture leaves behind
+            return {"applied": "cuda graphs"}
+
+    family.deferred = CapturesGraphs()
+    family.accelerate_deferred = lambda pause: family.deferred.accelerate_deferred(pause)
+    assert families["zimage"].accelerate_deferred() == {"applied": "cuda graphs"}
+    assert not z_modules & set(residency.hosts)                  # released
+    assert residency.entries["zimage"].where == "device"

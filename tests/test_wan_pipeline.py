@@ -180,3 +180,14 @@ def test_decode_estimate_shrinks_with_tiles():
     full = decode_bytes(81, 480, 832, 96, tiled=False)
     assert 3 * GIB < full < 6 * GIB
     assert decode_bytes(81, 480, 832, 96, tiled=True) < full / 3
+
+
+def test_running_out_of_memory_placing_the_model_makes_it_unavailable_not_a_crash(tiny_wan, monkeypatch):
+    """On the GPU `_place` moves the weights (under VIDEO_VRAM_BUDGET_GIB): an out-of-memory there must
+    leave the worker serving its other models. The CPU cannot run out, so the move raises as CUDA would."""
+    def full_card(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(WanFamily, "_place", full_card)
+    with pytest.raises(ModelUnavailable, match="out of memory placing the Wan text-to-video model on cpu.*Tried to allocate"):
+        WanFamily.load(LoadOptions(model_path=tiny_wan.t2v, config_path=None, device="cpu", cache_dir=None), kind="wan")

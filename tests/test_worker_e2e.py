@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+import time
 
 import pytest
+import redis
 from PIL import Image
 
 from tools.small_catalog import write_small_job_types
 from tests.supabase_standin import SupabaseStandin
-from tests.worker_harness import USER, WorkerStarter, contract_payload, local_callbacks, push, wait_for
+from tests.worker_harness import (USER, WorkerProcess, WorkerStarter, contract_payload, local_callbacks, push, wait_for,
+                                  worker_env)
 
 
 @pytest.fixture
@@ -159,3 +163,31 @@ def test_video_worker_serves_the_legacy_queue_and_names_a_missing_checkpoint(tmp
         f"video_i2v_fast cannot run on this pod: no Wan image-to-video checkpoint at {missing} (a diffusers folder "
         "with model_index.json); set WAN_I2V_MODEL_PATH (absolute, or relative to MODELS_DIR)")
     assert local_callbacks(tmp_path, i2v["jobId"])[-1]["errorMessage"] == record["error"]
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it(tmp_path, tiny_sdxl):
+    """An outage at start must not crash the worker: five crashes before ready would give it up for good."""
+    from tests.conftest import RedisServer
+
+    (tmp_path / "late-redis").mkdir()
+    server = RedisServer(tmp_path / "late-redis")
+    env = worker_env(server.url, tmp_path / "data", write_small_job_types(tmp_path / "catalog", steps=2),
+                     tiny_sdxl.single_file, tiny_sdxl.folder)
+    worker = WorkerProcess("image", env, tmp_path / "image.log")
+    starting = threading.Thread(target=worker.start, kwargs={"timeout": 120}, daemon=True)
+    starting.start()
+    deadline = time.monotonic() + 60                # the worker is up, retrying its registration
+    while "redis unreachable at start" not in worker.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker.proc.poll() is None and "redis unreachable at start" in worker.output(), worker.output()
+    server.start()
+    try:
+        starting.join(120)
+        assert worker.ready_file.exists(), worker.output()
+        client = redis.Redis.from_url(server.url)
+        job = contract_payload(numImages=1, metadata={"num_images": 1})
+        push(client, job)
+        assert wait_for(client, job["jobId"])["status"] == "completed"
+    finally:
+        worker.stop()
+        server.stop()

@@ -25,7 +25,7 @@ import redis
 from workers.callback import CallbackOutbox, failed_body, make_callback_sink
 from workers.config import Catalog, JobTypeSpec
 from workers.job import job_id_of
-from workers.queue import Claim, JobRecords, ReliableQueue, default_worker_id, job_key, queue_overview
+from workers.queue import Claim, JobRecords, ReliableQueue, daemon_worker_id, job_key, queue_overview
 
 log = logging.getLogger("workers.fallback")
 REASON_MAX_CHARS = 300
@@ -175,5 +175,5 @@ class StrandedJobRescuer:
         return done
 
     def _served_elsewhere(self, name: str, queue: str) -> bool:
-        ours = default_worker_id(name)
+        ours = daemon_worker_id(name)
         return any(w["alive"] and w["id"] != ours for w in queue_overview(self.r, queue)["workers"])

@@ -95,8 +95,11 @@ def _noop() -> None:
 
 def run_forked(module: str, env: dict[str, str], argv: list[str]) -> None:
     """In the forked child: the worker's environment, CUDA checked, then the module as `python -m` runs it."""
+    from workers.worker_process import use_expandable_segments
+
     os.environ.clear()
     os.environ.update(env)
+    use_expandable_segments()   # before the CUDA check starts CUDA: the allocator reads its settings once
     _name_process(module.rsplit(".", 1)[-1])
     if not _cuda_usable_after_fork():
         os.execve(argv[0], argv, env)   # a fresh interpreter in this process: the plain start

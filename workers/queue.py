@@ -53,6 +53,12 @@ def default_worker_id(name: str) -> str:
     return os.environ.get("WORKER_ID") or f"{name}@{socket.gethostname()}"
 
 
+def daemon_worker_id(name: str, env=os.environ) -> str:
+    """The id the daemon gives its `name` worker: `{WORKER_ID}-{name}` when the pod sets WORKER_ID
+    (one id for two workers would share a heartbeat key), else the default."""
+    return f"{env['WORKER_ID']}-{name}" if env.get("WORKER_ID") else f"{name}@{socket.gethostname()}"
+
+
 @dataclass(frozen=True)
 class Claim:
     raw: bytes

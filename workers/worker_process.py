@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable
 
 import redis
@@ -55,7 +56,7 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
     spec = catalog.workers[name]
     client = connect(settings.redis_url, settings.claim_timeout)
     queue = ReliableQueue(client, spec.queue, default_worker_id(name), settings.heartbeat_ttl, tuple(spec.legacy_queues))
-    recovered = queue.register({"state": "loading"})
+    recovered = _register(queue)
     if recovered:
         log.warning("took back %d job(s) claimed by this worker's previous process", recovered)
 
@@ -84,6 +85,19 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
             log.warning("could not deregister (%s); the reaper will clean up", exc)
     log.info("%s worker stopped", name)
     return runner.exit_code
+
+
+def _register(queue: ReliableQueue) -> int:
+    """Join the queue's workers, waiting for Redis as long as it takes: a worker that crashed on an
+    outage at start would count towards giving it up for good (five crashes before ready)."""
+    delay = 1.0
+    while True:
+        try:
+            return queue.register({"state": "loading"})
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis unreachable at start (%s); retrying in %.0fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def _start_heartbeat(queue: ReliableQueue, runner: Runner, models: dict) -> threading.Event:

@@ -223,6 +223,9 @@ class Residency:
         log.info("model %s moved to %s in %.0f ms (%.2f of %.1f GiB copied%s)", key, where,
                  (time.perf_counter() - started) * 1000, copied / GIB, total / GIB, current)
 
+    def release_host_copies(self, key: str) -> None:
+        self._release_hosts(key, self.entries[key])
+
     def _release_hosts(self, key: str, entry: _Entry) -> None:
         """Give back the host copies of `key`'s components that no other model holds."""
         others = {id(m) for k, e in self.entries.items() if k != key for m in e.modules}
@@ -282,7 +285,13 @@ class ResidentFamily:
         return getattr(entry.family, "deferred", None)
 
     def accelerate_deferred(self, pause=lambda: False) -> dict | None:
-        return self.residency.entries[self.key].family.accelerate_deferred(pause) if self.deferred is not None else None
+        if self.deferred is None:
+            return None
+        entry = self.residency.entries[self.key]
+        report = entry.family.accelerate_deferred(pause)
+        if pinned(entry.family):   # graphed: it never leaves the device again, its host copy is dead weight
+            self.residency.release_host_copies(self.key)
+        return report
 
 
 class ResidentFamilies(dict):

@@ -110,7 +110,18 @@ class WanFamily(DeferredAcceleration):
         pipe.set_progress_bar_config(disable=True)
         pipe.vae.enable_slicing()   # one clip/image at a time through the VAE: the decode peak of one item
         family = cls(pipe, kind, device, limits or ImageLimits(), opts.vram_budget_bytes)
-        family._place()
+        oom = None
+        try:
+            family._place()
+        except Exception as exc:   # noqa: BLE001 — only running out of memory is this model's problem
+            oom = out_of_memory_reason(exc)
+            if oom is None:
+                raise
+        if oom is not None:        # outside the except block: the traceback's tensors are gone
+            del family, pipe, parts
+            free_device_memory(device)
+            raise ModelUnavailable(f"out of memory placing the Wan {spec.what} model on {device} "
+                                   f"(VIDEO_VRAM_BUDGET_GIB, other models on the card): {oom}")
         family._install_step_cache(magcache)
         if device.type == "cuda" and accel is not None and not accel.is_off:
             now, family.deferred = accel.split()
@@ -260,6 +271,8 @@ class WanFamily(DeferredAcceleration):
             phase("generating")
             with no_compile_in_jobs():   # a shape the warm-up did not compile runs eagerly
                 frames = self._denoise_and_decode(job, width, height, embeds, references, plan, on_step, phase)
+            outputs = self._outputs(job, frames)   # the uint8 conversion allocates on the device too
+            del frames
         except Exception as exc:   # noqa: BLE001 — only out-of-memory is handled; the rest propagates
             oom = out_of_memory_reason(exc)
             if oom is None:
@@ -271,7 +284,7 @@ class WanFamily(DeferredAcceleration):
             what = (f"{job.num_images} image(s) of {width}x{height}" if job.spec.content == "image"
                     else f"a {job.frames}-frame {width}x{height} video")
             raise GenerationOutOfMemory(f"out of {where} generating {what}: {oom}")
-        return self._outputs(job, frames)
+        return outputs
 
     def _encode_prompt(self, job, plan: MemoryPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         encoder = self.pipe.text_encoder
@@ -323,7 +336,9 @@ class WanFamily(DeferredAcceleration):
     @staticmethod
     def _outputs(job, frames: torch.Tensor) -> list[Image.Image] | VideoClip:
         # (batch, frames, 3, H, W) in [0, 1] → uint8 on the device: a quarter of the float32 copy to the host.
-        array = (frames.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+        # In place on the decoded frames (not needed after): one float32 copy at most, not three.
+        scaled = frames.float().mul_(255).round_().clamp_(0, 255)
+        array = scaled.to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
         if job.spec.content == "image":
             return [Image.fromarray(clip[0]) for clip in array]
         return VideoClip(frames=[np.ascontiguousarray(frame) for frame in array[0]], fps=job.fps)
