@@ -3,11 +3,12 @@ fits two. Eviction order, cold / warm / resident reports, and outputs after a sw
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from tools.small_catalog import small_catalog
 from workers.job import parse_job
-from workers.pipelines.base import LoadOptions, ModelUnavailable
+from workers.pipelines.base import GenerationOutOfMemory, LoadOptions, ModelUnavailable
 from workers.pipelines.host_copy import HostCopy
 from workers.pipelines.lora import LoraLibrary
 from workers.pipelines.qwen_image import QwenImageFamily
@@ -268,3 +269,37 @@ def test_a_model_pinned_by_its_deferred_cuda_graphs_gives_back_its_host_copy(tin
     assert families["zimage"].accelerate_deferred() == {"applied": "cuda graphs"}
     assert not z_modules & set(residency.hosts)                  # released
     assert residency.entries["zimage"].where == "device"
+
+
+def test_a_model_that_loads_onto_a_full_device_moves_the_others_out_and_loads(tiny_image_models, catalog):
+    """SDXL's loader places it on the device itself, before any room is made: on a full card that
+    load runs out of memory. The others move out and it loads; a second failure reaches the job as
+    out of memory (the runner's branch), not as an internal error. The CUDA error is stood in for."""
+    def opts(path):
+        return LoadOptions(model_path=path, config_path=None, device="cpu", cache_dir=None)
+
+    failures = []
+
+    def zimage_on_a_full_card(fail_times: int):
+        def load():
+            if len(failures) < fail_times:
+                failures.append("oom")
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+            return ZImageFamily.load(opts(tiny_image_models.zimage))
+        return load
+
+    loaders = {"qwen": lambda: QwenImageFamily.load(opts(tiny_image_models.qwen), kind="qwen_image"),
+               "zimage": zimage_on_a_full_card(1)}
+    residency = Residency(loaders, "cpu", budget_bytes=1 << 40, host_reserve_bytes=0)
+    families = ResidentFamilies(residency)
+    run(families, "qwen", job(catalog, "qwen_image_2512"))
+    images, report = run(families, "zimage", job(catalog, "z_image_turbo"))
+    assert failures == ["oom"] and residency.entries["qwen"].where != "device" and report["residency"] == "cold"
+
+    failures.clear()
+    residency = Residency({"qwen": loaders["qwen"], "zimage": zimage_on_a_full_card(2)}, "cpu", budget_bytes=1 << 40,
+                          host_reserve_bytes=0)
+    families = ResidentFamilies(residency)
+    run(families, "qwen", job(catalog, "qwen_image_2512"))
+    with pytest.raises(GenerationOutOfMemory, match="out of GPU memory loading zimage: CUDA out of memory"):
+        families["zimage"].check(job(catalog, "z_image_turbo"))

@@ -89,7 +89,15 @@ class Residency:
         entry = self.entries[key]
         if entry.family is None:
             started = time.perf_counter()
-            family = self.loaders[key]()   # ModelUnavailable propagates: the job fails with the reason
+            try:
+                family = self.loaders[key]()   # ModelUnavailable propagates: the job fails with the reason
+            except torch.cuda.OutOfMemoryError:
+                # A loader that places its model on the device (SDXL) met the others there: move
+                # every movable one out and try once more; a second failure reaches the job.
+                if not self._evict_all(key):
+                    raise
+                self.free_cache()
+                family = self.loaders[key]()
             entry.family, entry.modules = family, family_modules(family)
             entry.nbytes = weight_bytes(entry.modules)
             entry.where = self._where(family)
@@ -160,6 +168,14 @@ class Residency:
         if used + needed > self.budget:
             log.warning("model %s (%.1f GiB) does not fit the %.1f GiB budget beside what cannot move (%.1f GiB)",
                         key, needed / GIB, self.budget / GIB, used / GIB)
+        return evicted
+
+    def _evict_all(self, key: str) -> list[str]:
+        evicted = []
+        for other, entry in list(self.entries.items()):
+            if other != key and entry.where == "device" and not pinned(entry.family):
+                self._evict(other, entry)
+                evicted.append(other)
         return evicted
 
     def _device_modules(self, exclude: str) -> dict[int, torch.nn.Module]:
@@ -257,7 +273,10 @@ class ResidentFamily:
         self.key = key
 
     def check(self, job) -> None:
-        family = self.residency.loaded(self.key)
+        try:
+            family = self.residency.loaded(self.key)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._out_of_memory(f"loading {self.key}", exc) from None
         if job.loras and not hasattr(family, "slots"):
             raise ValueError(f"{job.job_type} takes no LoRAs")
         family.check(job)
@@ -266,14 +285,17 @@ class ResidentFamily:
         try:
             report = self.residency.make_resident(self.key)
         except torch.cuda.OutOfMemoryError as exc:
-            self.residency.free_cache()
-            raise GenerationOutOfMemory(f"out of GPU memory moving {self.key} onto the GPU: "
-                                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'CUDA out of memory'}") from None
+            raise self._out_of_memory(f"moving {self.key} onto the GPU", exc) from None
         record = getattr(on_step, "record", None)
         if record is not None:   # the runner's job record: cold / warm / resident and the swap time
             record(residency=report["residency"], swap_ms=report["swap_ms"], evicted=report["evicted"] or None)
         return self.residency.loaded(self.key).generate(job, on_step)
 
+
+    def _out_of_memory(self, doing: str, exc: BaseException) -> GenerationOutOfMemory:
+        self.residency.free_cache()
+        first = str(exc).splitlines()[0][:200] if str(exc) else "CUDA out of memory"
+        return GenerationOutOfMemory(f"out of GPU memory {doing}: {first}")
 
     @property
     def deferred(self):
