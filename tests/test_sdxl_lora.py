@@ -52,5 +52,10 @@ def test_sdxl_refuses_a_qwen_lora_and_loras_while_accelerated(setup):
     try:
         with pytest.raises(ValueError, match="OPTIMIZE=0 serves SDXL LoRAs"):
             run(setup, loras=[{"name": "sdxl-character"}])
+        with pytest.raises(ValueError, match="OPTIMIZE=0 serves SDXL LoRAs"):   # a job type's own LoRA too
+            job = parse_job({"jobId": "j", "userId": "u", "jobType": "sdxl_image_fast", "prompt": "a boat",
+                             "numImages": 1}, catalog)
+            spec = job.spec.model_copy(update={"loras": [{"name": "sdxl-character", "weight": 1.0}]})
+            family.check(dataclasses.replace(job, spec=spec))
     finally:
         family.accel_report = {"applied": "none"}

@@ -230,7 +230,7 @@ class SDXLFamily(DeferredAcceleration):
         """Reject a job before any GPU work. For img2img also download/decode the init image and keep
         it for the following generate() of the same job (so a bad image fails here, not mid-batch)."""
         self._validate(job)
-        if job.loras and (self.accel_report.get("applied", "none") != "none" or self.deferred is not None):
+        if _has_loras(job) and (self.accel_report.get("applied", "none") != "none" or self.deferred is not None):
             # Fused projections and captured CUDA graphs would ignore (or refuse) an adapter.
             raise ValueError(f"{job.job_type} cannot take LoRAs on this worker: SDXL runs accelerated "
                              "(fused layers, CUDA graphs); OPTIMIZE=0 serves SDXL LoRAs")
@@ -325,14 +325,14 @@ class SDXLFamily(DeferredAcceleration):
         a small LRU keyed by the two texts, since negative prompts and retried prompts repeat; a job
         with LoRAs (which may change the text encoders) is never cached."""
         key = (job.prompt, job.negative_prompt)
-        cached = None if job.loras else self.prompt_cache.get(key)
+        cached = None if _has_loras(job) else self.prompt_cache.get(key)
         if cached is not None:
             self.prompt_cache.move_to_end(key)
             return cached
         embeds, _, pooled, _ = self.txt2img.encode_prompt(
             prompt=[job.prompt, job.negative_prompt], device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False)
-        if not job.loras:
+        if not _has_loras(job):
             self.prompt_cache[key] = (embeds, pooled)
             while len(self.prompt_cache) > PROMPT_CACHE_SIZE:
                 self.prompt_cache.popitem(last=False)
@@ -340,3 +340,8 @@ class SDXLFamily(DeferredAcceleration):
 
     def free_memory(self) -> None:
         free_device_memory(self.device)
+
+
+def _has_loras(job) -> bool:
+    """The payload's adapters or the job type's own: either changes the text encoders and the UNet."""
+    return bool(job.loras or job.spec.loras)
