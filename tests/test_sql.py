@@ -11,10 +11,11 @@ CATALOG = load_catalog()
 
 
 def insert_job(db, user_id: str, job_type: str = "sdxl_image_fast", status: str = "queued",
-               created: str = "now()", started: str = "null", completed: str = "null") -> str:
+               created: str = "now()", started: str = "null", completed: str = "null", metadata: str = "{}") -> str:
     job_id = str(uuid.uuid4())
-    db.psql(f"insert into public.jobs (id, user_id, job_type, status, created_at, started_at, completed_at) "
-            f"values ('{job_id}', '{user_id}', '{job_type}', '{status}', {created}, {started}, {completed})")
+    db.psql(f"insert into public.jobs (id, user_id, job_type, status, created_at, started_at, completed_at, metadata) "
+            f"values ('{job_id}', '{user_id}', '{job_type}', '{status}', {created}, {started}, {completed}, "
+            f"'{metadata}'::jsonb)")
     return job_id
 
 
@@ -129,6 +130,17 @@ def test_estimate_uses_expected_seconds_then_measured_durations(supabase_db):
                completed="now() - interval '8 days' + interval '1000 seconds'")
     assert float(scalar(supabase_db, "select job_type_estimate_seconds('image_fast')")) == 55.0
     assert supabase_db.as_user(None, "select job_type_estimate_seconds('image_fast')", role="anon").stdout.strip() == "55"
+
+
+def test_runs_as_the_fallback_do_not_count_in_the_estimate(supabase_db):
+    user = supabase_db.create_user()
+    for secs in (4, 5, 6):
+        insert_job(supabase_db, user, "sdxl_image_high", status="completed",
+                   started=f"now() - interval '{secs} seconds'", completed="now()")
+    for _ in range(3):   # the image worker was down: the Wan worker rendered these, slowly
+        insert_job(supabase_db, user, "sdxl_image_high", status="completed", started="now() - interval '90 seconds'",
+                   completed="now()", metadata='{"fallback": {"from": "sdxl_image_high", "reason": "down"}}')
+    assert float(scalar(supabase_db, "select job_type_estimate_seconds('sdxl_image_high')")) == 5.0
 
 
 def test_estimated_wait_adds_the_queue_ahead(supabase_db):
