@@ -6,6 +6,7 @@ import io
 import ipaddress
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -293,3 +294,37 @@ def test_http_total_deadline_stops_a_dripping_server(http_server):
     with pytest.raises(ValueError, match="longer than 0.5 s|timed out"):
         load(f"{http_server}/drip", timeout=0.5)
     assert time.monotonic() - started < 3
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory):
+    """The loopback routes over TLS, with a self-signed certificate for `localhost` (openssl)."""
+    import ssl
+
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_checks_the_certificate_for_the_urls_name_on_the_pinned_address(https_server, _loopback_server,
+                                                                              monkeypatch):
+    port, cert = https_server
+    monkeypatch.setenv("ALLOW_PRIVATE_INPUT_URLS", "1")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))          # trust the test certificate
+    assert load(f"https://localhost:{port}/ok.png").size == (20, 10)
+    with pytest.raises(ValueError, match="download failed"):    # the certificate names localhost, not 127.0.0.1
+        load(f"https://127.0.0.1:{port}/ok.png")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    with pytest.raises(ValueError, match="download failed"):    # an untrusted certificate
+        load(f"https://localhost:{port}/ok.png")

@@ -122,9 +122,10 @@ def _open(url: str, timeout: float) -> tuple[urllib3.HTTPConnectionPool, urllib3
     host = target.host.strip("[]")
     address = _connect_address(host)
     limits = urllib3.Timeout(connect=timeout, read=timeout)
-    if target.scheme == "https":
+    if target.scheme == "https":   # the certificate is checked for the URL's name, as usual
+        authorities = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or certifi.where()
         pool = urllib3.HTTPSConnectionPool(address, target.port or 443, timeout=limits, retries=False,
-                                           cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
+                                           cert_reqs="CERT_REQUIRED", ca_certs=authorities,
                                            assert_hostname=host, server_hostname=host)
     else:
         pool = urllib3.HTTPConnectionPool(address, target.port or 80, timeout=limits, retries=False)
