@@ -11,7 +11,7 @@ if [ "${1:-}" = "--demo" ]; then demo=1; shift; fi
 if [ "$demo" = 1 ]; then
   # The demo serves noise from random weights: never on the pod's real queues, storage or callbacks.
   unset REDIS_URL UPSTASH_REDIS_REST_URL UPSTASH_REDIS_REST_TOKEN SUPABASE_URL SUPABASE_SERVICE_KEY \
-        SUPABASE_SERVICE_ROLE_KEY CALLBACK_SECRET GATEWAY_ENABLED
+        SUPABASE_SERVICE_ROLE_KEY CALLBACK_SECRET
 fi
 
 # The lock is resolved for CPython 3.11 (tools/lock.sh): its wheels install on no other version.

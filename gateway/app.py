@@ -12,6 +12,7 @@ queueing another. The app is async throughout: a waiting request holds no thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -147,7 +148,9 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
                               rylaFps=ryla.fps or spec.fps or 16)
             except BaseException:   # not queued: a retry with this key must queue it, not wait for nothing
                 if key:
-                    await client.delete(marker)
+                    with contextlib.suppress(redis.RedisError):   # unreachable: keep it, the job may be queued
+                        if not await client.exists(f"job:{job_id}"):
+                            await client.delete(marker)
                 raise
             log.info("/%s: job %s queued on %s", endpoint, job_id, queue)
         return await answer(job_id, await wait_for_job(client, job_id, gateway.wait_seconds))

@@ -105,3 +105,17 @@ def test_maintenance_requeues_an_orphaned_claim_but_not_the_one_being_finished(e
     runner.maintenance(force=True)
     assert redis_client.lrange(queue.processing, 0, -1) == [runner.finishing.raw]
     assert [json.loads(raw)["jobId"] for raw in redis_client.lrange("sdxl_queue", 0, -1)] == [orphan["jobId"]]
+
+
+def test_a_finished_claim_is_no_longer_kept_from_recovery(ending, redis_client):
+    """With the finisher on: once the job ended, its claim is not `finishing` any more, so a claim left
+    behind (a Redis error while finishing) would be the next maintenance's to requeue, not kept forever."""
+    from workers.runner import Finisher
+
+    runner, queue = ending.runner, ending.queue
+    runner.finisher = Finisher()
+    payload = contract_payload(numImages=1, metadata={"num_images": 1})
+    redis_client.lpush("sdxl_queue", json.dumps(payload))
+    runner.handle(queue.claim(1.0))
+    runner.finisher.drain()
+    assert runner.finishing is None and redis_client.hget(f"job:{payload['jobId']}", "status") == b"completed"

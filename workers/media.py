@@ -146,7 +146,7 @@ def _download(url: str, max_bytes: int, timeout: float) -> bytes:
     every hop's host is checked."""
     deadline = time.monotonic() + timeout
     chunks, size = [], 0
-    pool = None
+    pool = response = None
     try:
         for _ in range(_MAX_REDIRECTS + 1):
             pool, response = _open(url, timeout)
@@ -177,6 +177,8 @@ def _download(url: str, max_bytes: int, timeout: float) -> bytes:
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise ValueError(f"init image download failed: {type(exc).__name__}") from None
     finally:
+        if response is not None:
+            response.close()   # the connection it holds: pool.close() closes only idle ones
         if pool is not None:
             pool.close()
     if not chunks:

@@ -163,17 +163,21 @@ class ReliableQueue:
         met a Redis error. `keep`: the claim still being finished (it stays)."""
         if keep is None:
             return _move_all(self.r, self.processing, self.queue)
-        moved, kept = 0, False
-        for raw in self.r.lrange(self.processing, 0, -1):   # newest first; the oldest ends rightmost
-            if raw == keep and not kept:
-                kept = True
-                continue
-            with self.r.pipeline(transaction=True) as pipe:
-                pipe.lrem(self.processing, 1, raw)
-                pipe.rpush(self.queue, raw)
-                pipe.execute()
-            moved += 1
-        return moved
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:   # WATCH: a peer's reaper moving our list meanwhile makes us read it again
+                try:
+                    pipe.watch(self.processing)
+                    moving = pipe.lrange(self.processing, 0, -1)   # newest first; the oldest ends rightmost
+                    if keep in moving:
+                        moving.remove(keep)
+                    pipe.multi()
+                    for raw in moving:
+                        pipe.lrem(self.processing, 1, raw)
+                        pipe.rpush(self.queue, raw)
+                    pipe.execute()
+                    return len(moving)
+                except redis.WatchError:
+                    continue
 
     def reap(self) -> int:
         """Requeue the claims of registered workers whose heartbeat expired."""

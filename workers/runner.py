@@ -118,7 +118,7 @@ class Runner:
         self.finisher = Finisher() if settings.overlap_finish else None
         self.busy_since = clock()         # when the queue was last found empty
         self.compiling: str | None = None  # the model whose deferred compile is running
-        self.finishing: Claim | None = None  # the claim last handed to the finisher (set and read by the loop)
+        self.finishing: Claim | None = None  # the claim on the finisher's thread (set by the loop, cleared by it)
 
     # --- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -264,15 +264,19 @@ class Runner:
         if self.finisher is None:
             return self._finish(claim, job, output, started)
         # Encoding, upload and callback overlap the next job's generation (at most one job finishing).
+        self.finishing = claim      # before submit: its wait for the previous job must not see this one cleared
         self.finisher.submit(lambda: self._finish_in_background(claim, job, output, started))
-        self.finishing = claim
 
     def _finish_in_background(self, claim: Claim, job: Job, output, started: float) -> None:
         with job_context(job.job_id):
             try:
                 self._guarded(claim, job, lambda: self._finish(claim, job, output, started))
-            except redis.RedisError as exc:   # still claimed: the next maintenance requeues it, it runs again
-                log.warning("job %s: redis failed while finishing (%s); it will run again", job.job_id, exc)
+            except redis.RedisError as exc:   # unless its end was committed, still claimed: requeued, run again
+                log.warning("job %s: redis failed while finishing (%s); unless it was recorded as ended, it runs "
+                            "again", job.job_id, exc)
+            finally:
+                if self.finishing is claim:   # a claim no longer being finished is the next maintenance's to requeue
+                    self.finishing = None
 
     def _finish(self, claim: Claim, job: Job, output, started: float) -> None:
         """Store the outputs, then completed and acked in one transaction, then the callback."""

@@ -94,7 +94,9 @@ def _register(queue: ReliableQueue) -> int:
     while True:
         try:
             return queue.register({"state": "loading"})
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.AuthenticationError:   # a wrong password: configuration, not an outage
+            raise
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
             log.warning("redis unreachable at start (%s); retrying in %.0fs", exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)

@@ -122,7 +122,7 @@ export function buildJob(body: Body, userId: string) {
   const extras: Body = {};
   if (seed !== undefined) extras.seed = seed;
   if (negativePrompt !== undefined) extras.negativePrompt = negativePrompt;
-  if (initImage !== undefined) extras.initImage = initImage;
+  if (initImage !== undefined && spec.mode !== "edit") extras.initImage = initImage;   // edit: in referenceImages
   if (strength !== undefined) extras.strength = strength;
   if (numFrames !== undefined) extras.numFrames = numFrames;
   const loras = pick(body, meta, "loras");   // checked by the worker (files, allow-listed hosts, model family)

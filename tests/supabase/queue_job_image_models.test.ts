@@ -28,6 +28,7 @@ test("edit, inpaint and LoRA inputs go into the sdxl_queue payload; bad ones are
   }
   const [zimage, inpaint, edit] = (await redis.lRange("sdxl_queue", 0, -1)).map((x: string) => JSON.parse(x));
   assertEquals([edit.jobType, edit.referenceImages, edit.isSDXL], ["qwen_image_edit_2511", [PNG_1PX], true]);   // sdxl_queue's worker
+  assertStrictEquals(edit.initImage, undefined);   // the picture is queued once, as referenceImages
   assertEquals([inpaint.initImage, inpaint.maskImage, inpaint.numImages], [PNG_1PX, PNG_1PX, 1]);
   assertEquals([zimage.loras, zimage.bucket], [loras, "z_image_turbo"]);
   for (const [body, error] of [

@@ -153,11 +153,11 @@ class DiTFamily(abc.ABC):
             return callback_kwargs
 
         oom = None
+        width, height = self.output_size(job, inputs)
         try:
             self.slots.activate(inputs["loras"])
             phase("generating")
             generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
-            width, height = self.output_size(job, inputs)
             kwargs = self._call_kwargs(job, inputs, (width, height))
             result = self.variants[job.spec.mode](
                 prompt=job.prompt, height=height, width=width, num_inference_steps=job.steps,
@@ -174,7 +174,7 @@ class DiTFamily(abc.ABC):
             self.free_memory()   # outside the except block: the traceback's tensors are gone
             where = "GPU memory" if self.device.type == "cuda" else "memory"
             raise GenerationOutOfMemory(f"out of {where} generating {job.num_images} image(s) of "
-                                        f"{job.width}x{job.height}: {oom}")
+                                        f"{width}x{height}: {oom}")
         return images
 
     def output_size(self, job, inputs: dict) -> tuple[int, int]:

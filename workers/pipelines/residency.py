@@ -89,13 +89,17 @@ class Residency:
         entry = self.entries[key]
         if entry.family is None:
             started = time.perf_counter()
+            family = full = None
             try:
                 family = self.loaders[key]()   # ModelUnavailable propagates: the job fails with the reason
-            except torch.cuda.OutOfMemoryError:
-                # A loader that places its model on the device (SDXL) met the others there: move
-                # every movable one out and try once more; a second failure reaches the job.
+            except torch.cuda.OutOfMemoryError as exc:
+                full = str(exc)   # not the exception: its traceback would keep the first try's tensors
+            if family is None:
+                # A loader that places its model on the device (SDXL) met the others there: move every
+                # movable one out (here, outside the except block: the first try's tensors are freed)
+                # and try once more; a second failure reaches the job.
                 if not self._evict_all(key):
-                    raise
+                    raise torch.cuda.OutOfMemoryError(full)
                 self.free_cache()
                 family = self.loaders[key]()
             entry.family, entry.modules = family, family_modules(family)

@@ -279,6 +279,7 @@ class WanFamily(DeferredAcceleration):
                 raise
         if oom is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+            frames = embeds = None   # the decoded clip, when the conversion ran out
             self.free_memory()
             where = "GPU memory" if self.device.type == "cuda" else "memory"
             what = (f"{job.num_images} image(s) of {width}x{height}" if job.spec.content == "image"
