@@ -191,3 +191,21 @@ def test_a_worker_started_while_redis_is_down_waits_for_it(tmp_path, tiny_sdxl):
     finally:
         worker.stop()
         server.stop()
+
+
+def test_a_wrong_redis_password_is_a_configuration_error(tmp_path, tiny_sdxl):
+    """Not an outage to wait out: the worker exits with 78, which the supervisor does not restart."""
+    from tests.conftest import RedisServer
+
+    (tmp_path / "locked-redis").mkdir()
+    server = RedisServer(tmp_path / "locked-redis").start()
+    redis.Redis(port=server.port).config_set("requirepass", "right")
+    try:
+        env = worker_env(f"redis://:wrong@127.0.0.1:{server.port}/0", tmp_path / "data",
+                         write_small_job_types(tmp_path / "catalog", steps=2), tiny_sdxl.single_file, tiny_sdxl.folder)
+        worker = WorkerProcess("image", env, tmp_path / "image.log")
+        with pytest.raises(RuntimeError, match="Redis refused the credentials"):
+            worker.start(timeout=60)
+        assert worker.proc.wait(10) == 78
+    finally:
+        server.stop()

@@ -56,7 +56,11 @@ def run_worker(name: str, load_models: ModelLoader) -> int:
     spec = catalog.workers[name]
     client = connect(settings.redis_url, settings.claim_timeout)
     queue = ReliableQueue(client, spec.queue, default_worker_id(name), settings.heartbeat_ttl, tuple(spec.legacy_queues))
-    recovered = _register(queue)
+    try:
+        recovered = _register(queue)
+    except redis.AuthenticationError as exc:
+        log.error("configuration error: Redis refused the credentials (REDIS_URL / UPSTASH_*): %s", exc)
+        return EX_CONFIG
     if recovered:
         log.warning("took back %d job(s) claimed by this worker's previous process", recovered)
 
