@@ -135,3 +135,20 @@ def test_the_orchestrator_leaves_a_queue_that_another_pod_serves(catalog, redis_
     other_pod.deregister()
     assert rescuer.check(fatal) == {"sdxl_queue": {"rerouted": 1, "failed": 0}}
     assert json.loads(redis_client.rpop("wan_queue"))["jobType"] == "image_fast"
+
+
+def test_the_job_a_given_up_worker_held_is_rescued_once_its_heartbeat_expired(catalog, redis_client, tmp_path):
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path), "REDIS_URL": "redis://unused"})
+    rescuer = StrandedJobRescuer(redis_client, catalog, settings)
+    dead = ReliableQueue(redis_client, "sdxl_queue", default_worker_id("image"))
+    dead.register()
+    held = job("sdxl_image_high")
+    redis_client.lpush("sdxl_queue", json.dumps(held))
+    dead.claim(1)                                  # it died holding this one
+    video_worker_alive(redis_client)
+    fatal = {"image": {"state": "fatal", "last_exit": -9}, "video": {"state": "running"}}
+    assert rescuer.check(fatal) == {"sdxl_queue": {"rerouted": 0, "failed": 0}}   # its heartbeat is still fresh
+    redis_client.delete(dead.heartbeat_key)        # the TTL runs out
+    assert rescuer.check(fatal) == {"sdxl_queue": {"rerouted": 1, "failed": 0}}
+    assert redis_client.llen(dead.processing) == 0
+    assert json.loads(redis_client.rpop("wan_queue"))["jobId"] == held["jobId"]

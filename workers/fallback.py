@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from typing import Callable
 
@@ -166,6 +167,9 @@ class StrandedJobRescuer:
             if spec is None or status.get("state") != "fatal" or self._served_elsewhere(name, spec.queue):
                 continue
             reason = f"the {name} worker stopped for good (exit code {status.get('last_exit')})"
+            # The job it held when it died: no peer of that queue is left to reap it once its
+            # heartbeat expires, so the rescuer does, and the job is rescued with the rest.
+            ReliableQueue(self.r, spec.queue, f"rescuer@{socket.gethostname()}").reap()
             counts = rescue_stranded(self.r, self.catalog, spec.queue, reason, self.outbox, self.records,
                                      self.enabled, self.clock)
             if any(counts.values()):
