@@ -89,8 +89,8 @@ def _instrument(queue, marks: Marks) -> None:
             marks.stamp(got.job_id, "claimed")
         return got
 
-    def timed_ack(c):
-        ack(c)
+    def timed_ack(c, pipe=None):   # queued in the job's end transaction, which executes right after
+        ack(c, pipe)
         marks.stamp(c.job_id, "acked")
         marks.done.set()
 

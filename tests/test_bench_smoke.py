@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_parts_run_on_tiny_models(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--json", str(out), "--runs", "1",
-                           "--work-dir", str(tmp_path / "work"), "--parts", "build,plain,project,wan,preloaded,saturated,together,images"],
+                           "--work-dir", str(tmp_path / "work"), "--parts", "build,plain,project,wan,preloaded,saturated,together,images,queue"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -23,6 +23,9 @@ def test_bench_parts_run_on_tiny_models(tmp_path):
     def row(job, variant_start):
         return next(r for r in rows if r["job"] == job and r["variant"].startswith(variant_start))
 
+    # Queue: pickup latency and per-job overhead through the real Runner (local and over HTTP).
+    queue_rows = [r for r in rows if r["job"].startswith(("queue pickup", "per-job overhead"))]
+    assert len(queue_rows) == 4 and all(0 < r["p50_ms"] <= r["p99_ms"] for r in queue_rows), queue_rows
     # SDXL: the project's 6-image job (decoded image by image) is checked against plain diffusers' latents.
     assert row("sdxl_image_fast x6", "project")["err_vs_plain"] < 1e-3
     # Image models: the project's whole job gives plain diffusers' pixels for the same seed (LoRA too).
