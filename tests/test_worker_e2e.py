@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import threading
 import time
 
@@ -144,6 +145,20 @@ def test_sigterm_finishes_the_job_or_gives_it_back(tmp_path, make_worker, redis_
         assert json.loads(redis_client.lindex("sdxl_queue", -1))["jobId"] == job["jobId"]
     else:
         assert redis_client.llen("sdxl_queue") == 0
+
+
+def test_a_terminal_ctrl_c_then_the_supervisors_sigterm_still_finishes_the_job(tmp_path, make_worker, redis_client):
+    """Ctrl-C reaches the whole process group, and the orchestrator then sends SIGTERM: a supervised
+    worker ignores the SIGINT, so the SIGTERM is its first signal and the job finishes."""
+    job_types = write_small_job_types(tmp_path / "slow", steps=2, job_types={"sdxl_image_high": {"steps": 30}})
+    worker = make_worker(job_types=job_types, STOP_GRACE="300")
+    job = contract_payload("sdxl_image_high", bucket="sdxl_image_high")
+    push(redis_client, job)
+    wait_for(redis_client, job["jobId"], statuses=("generating",), field="phase")
+    worker.proc.send_signal(signal.SIGINT)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(300) == 0
+    assert wait_for(redis_client, job["jobId"], timeout=1)["status"] == "completed"
 
 
 def test_video_worker_serves_the_legacy_queue_and_names_a_missing_checkpoint(tmp_path, make_worker, redis_client,

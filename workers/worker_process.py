@@ -22,7 +22,7 @@ from workers.config import Catalog, ConfigError, Settings, load_catalog
 from workers.logs import setup_logging  # noqa: F401  (also the entry of the orchestrator and the gateway)
 from workers.queue import JobRecords, ReliableQueue, connect, default_worker_id
 from workers.runner import Runner
-from workers.supervisor import report_ready
+from workers.supervisor import READY_ENV, report_ready
 
 EX_CONFIG = 78  # the supervisor does not restart a worker whose configuration is wrong
 log = logging.getLogger("workers")
@@ -134,7 +134,8 @@ def vram_in_use() -> int | None:
 
 
 def _install_signal_handlers(runner: Runner, grace: float) -> None:
-    """First SIGTERM/SIGINT: finish the current job (up to `grace` s), then exit. Second: give it back now."""
+    """First SIGTERM (or SIGINT, unsupervised): finish the current job (up to `grace` s), then exit.
+    Second: give it back now."""
 
     def handler(signum, _frame) -> None:
         if runner.stop.graceful.is_set():
@@ -147,4 +148,6 @@ def _install_signal_handlers(runner: Runner, grace: float) -> None:
         timer.start()
 
     signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    # Supervised, a terminal's Ctrl-C reaches the whole process group, and the orchestrator turns it
+    # into a SIGTERM: counting both would make that SIGTERM the second signal (give the job back now).
+    signal.signal(signal.SIGINT, signal.SIG_IGN if os.environ.get(READY_ENV) else handler)
