@@ -28,7 +28,7 @@ from gateway.settings import GatewaySettings
 from storage import Storage, StorageError
 from workers.config import Catalog
 from workers.job import JobRejected, parse_job
-from workers.queue import JOB_RECORD_TTL
+from workers.queue import JOB_RECORD_TTL, job_key
 from workers.submit import enqueue, new_payload
 
 log = logging.getLogger("gateway")
@@ -149,7 +149,7 @@ def create_app(catalog: Catalog, gateway: GatewaySettings, client, storage: Stor
             except BaseException:   # not queued: a retry with this key must queue it, not wait for nothing
                 if key:
                     with contextlib.suppress(redis.RedisError):   # unreachable: keep it, the job may be queued
-                        if not await client.exists(f"job:{job_id}"):
+                        if not await client.exists(job_key(job_id)):
                             await client.delete(marker)
                 raise
             log.info("/%s: job %s queued on %s", endpoint, job_id, queue)

@@ -50,7 +50,7 @@ def connect(url: str, block_timeout: float = 5.0) -> redis.Redis:
 
 def default_worker_id(name: str) -> str:
     """Stable per host and slot, so a restarted worker recovers its predecessor's claims at once."""
-    return os.environ.get("WORKER_ID") or f"{name}@{socket.gethostname()}"
+    return os.environ.get("WORKER_ID") or daemon_worker_id(name, {})
 
 
 def daemon_worker_id(name: str, env=os.environ) -> str:
@@ -161,8 +161,6 @@ class ReliableQueue:
     def recover_own(self, keep: bytes | None = None) -> int:
         """Move our own processing list back: claims whose BLMOVE reply was lost, or whose finishing
         met a Redis error. `keep`: the claim still being finished (it stays)."""
-        if keep is None:
-            return _move_all(self.r, self.processing, self.queue)
         with self.r.pipeline(transaction=True) as pipe:
             while True:   # WATCH: a peer's reaper moving our list meanwhile makes us read it again
                 try:
@@ -170,6 +168,9 @@ class ReliableQueue:
                     moving = pipe.lrange(self.processing, 0, -1)   # newest first; the oldest ends rightmost
                     if keep in moving:
                         moving.remove(keep)
+                    if not moving:        # the usual case: nothing to move, no transaction
+                        pipe.unwatch()
+                        return 0
                     pipe.multi()
                     for raw in moving:
                         pipe.lrem(self.processing, 1, raw)

@@ -75,10 +75,6 @@ class Finisher:
             self._outstanding += 1
         self._tasks.put(task)
 
-    def idle(self) -> bool:
-        with self._done:
-            return self._outstanding == 0
-
     def drain(self) -> None:
         with self._done:
             self._done.wait_for(lambda: self._outstanding == 0)
@@ -133,12 +129,11 @@ class Runner:
                         break
                     if claim is None:
                         self.busy_since = self.clock()
+                        self.accelerate_deferred()
                     else:
                         self.handle(claim)
-                    if claim is None:
-                        self.accelerate_deferred()
-                    elif self.clock() - self.busy_since >= ACCELERATE_AFTER_BUSY_SECONDS:
-                        self.accelerate_deferred(one_stage=True)
+                        if self.clock() - self.busy_since >= ACCELERATE_AFTER_BUSY_SECONDS:
+                            self.accelerate_deferred(one_stage=True)
                     backoff = 0.5
                 except redis.RedisError as exc:   # unreachable, or refusing for now (READONLY in a failover, LOADING)
                     log.warning("redis failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)

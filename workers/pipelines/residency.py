@@ -295,7 +295,6 @@ class ResidentFamily:
             record(residency=report["residency"], swap_ms=report["swap_ms"], evicted=report["evicted"] or None)
         return self.residency.loaded(self.key).generate(job, on_step)
 
-
     def _out_of_memory(self, doing: str, exc: BaseException) -> GenerationOutOfMemory:
         self.residency.free_cache()
         first = str(exc).splitlines()[0][:200] if str(exc) else "CUDA out of memory"
